@@ -1,0 +1,1 @@
+"""Runnable examples; each module's docstring has its ``prefork run`` line."""

@@ -1,0 +1,5 @@
+"""`python -m prefork` is the `prefork` command."""
+
+from .cli import main
+
+main()

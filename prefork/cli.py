@@ -1,0 +1,184 @@
+"""The ``prefork`` command. The library raises; this module maps errors to one line and exit 2.
+
+Every option of ``prefork run`` is generated from a ``Config`` field, with the field's
+help, default and ``PREFORK_<OPTION>`` environment variable; the command line wins
+over the environment, which wins over the defaults.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, fields
+from typing import Any, Literal
+
+import click
+from click.core import ParameterSource
+
+from . import listeners, log
+from .arbiter import Arbiter
+from .config import LIBRARY_SETTINGS, Config, env_var, flag_name
+from .errors import ConfigError, PreforkError
+from .mixin import PreForkMixIn
+from .process import Pidfile
+from .signals import MASTER_SIGNALS, SignalRoute, Wakeup
+from .target import Target, add_cwd_to_path
+from .version import __version__
+from .workers import SERVER_MIXINS
+
+
+class StartupError(click.ClickException):
+    """Shown as a single 'Error: ...' line on stderr; no traceback."""
+
+    exit_code = 2
+
+
+def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add one click option per Config field (the only place options are declared)."""
+    hints = typing.get_type_hints(Config)
+    for f in reversed(fields(Config)):
+        command = click.option(*_declarations(f, hints[f.name]), **_option_kwargs(f, hints[f.name]))(
+            command
+        )
+    return command
+
+
+def _declarations(f: Any, hint: Any) -> list[str]:
+    flag = flag_name(f)
+    long = f"--{flag}/--no-{flag}" if hint is bool else f"--{flag}"
+    return [d for d in (f.metadata["short"], long, f.name) if d]
+
+
+def _option_kwargs(f: Any, hint: Any) -> dict[str, Any]:
+    has_default = f.default is not MISSING
+    kwargs: dict[str, Any] = {
+        "default": f.default if has_default else None,
+        "envvar": env_var(f),
+        "show_envvar": True,
+        "show_default": f.metadata["default_text"] or has_default,
+        "help": f.metadata["help"],
+    }
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        kwargs["multiple"] = True
+    elif origin is Literal:
+        kwargs["type"] = click.Choice(args)
+    elif hint is int:
+        kwargs["type"] = click.INT
+    elif hint is float:
+        kwargs["type"] = click.FLOAT
+    return kwargs
+
+
+def given_options(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """Only the options the user set (command line or environment): the rest is Config's."""
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return {k: v for k, v in options.items() if ctx.get_parameter_source(k) in given}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="prefork")
+def cli() -> None:
+    """prefork: serve socketserver request handlers from a supervised pool of workers."""
+
+
+@cli.command()
+@click.argument("target", metavar="MODULE:OBJECT")
+@config_options
+@click.pass_context
+def run(ctx: click.Context, target: str, **options: Any) -> None:
+    """Serve MODULE:OBJECT, a socketserver.BaseRequestHandler subclass, until stopped.
+
+    Signals to the master: TERM stops gracefully, INT and QUIT stop now, TTIN and TTOU
+    add and remove a worker. See docs/signals.md.
+    """
+    try:
+        app = Target.parse(target)
+        config = Config(**given_options(ctx, options))
+        specs = [listeners.parse_bind(text) for text in config.binds]
+        if config.chdir:
+            _chdir(config.chdir)
+        add_cwd_to_path()
+        app.check()  # in a throwaway child: the master never imports the app
+    except PreforkError as exc:
+        raise StartupError(str(exc)) from None
+    log.configure(config.log_level)
+    # Handlers go in before any socket is bound: a signal sent the moment the port
+    # accepts must be honoured, not kill a master that is still starting.
+    route = SignalRoute(Wakeup(), MASTER_SIGNALS)
+    route.install()
+    servers: list[Any] = []
+    pidfile = Pidfile(config.pid) if config.pid else None
+    try:
+        for spec in specs:
+            servers.append(open_server(spec, config))
+        if pidfile:
+            pidfile.write(os.getpid())
+        arbiter = Arbiter(servers, config, name=config.name or str(app), loader=app.load,
+                          route=route)
+        arbiter.run()
+    except PreforkError as exc:
+        raise StartupError(str(exc)) from None
+    finally:
+        for server in servers:
+            server.server_close()
+        if pidfile:
+            pidfile.remove()
+        route.restore()
+
+
+def open_server(spec: listeners.BindSpec, config: Config) -> Any:
+    """Bind one address with the server class its kind and the worker class call for."""
+    settings = {name: getattr(config, name) for name in LIBRARY_SETTINGS}
+    if spec.kind == "fd":
+        sock = listeners.inherited_socket(int(spec.address), spec.text)
+        base = listeners.base_server_class(spec)
+        cls = server_class(base, config.worker_class, sock.family)
+        return cls.from_socket(sock, None, **settings)
+    cls = server_class(listeners.base_server_class(spec), config.worker_class, spec.family)
+    try:
+        return cls(spec.address, None, **settings)
+    except OSError as exc:
+        raise listeners.bind_error(spec.text, exc) from None
+
+
+@functools.cache
+def server_class(base: type, worker_class: str, family: int) -> type[PreForkMixIn]:
+    """PreForkMixIn + (ThreadingMixIn | ForkingMixIn | nothing) + the stdlib base server."""
+    mixin = SERVER_MIXINS[worker_class]
+    bases = (PreForkMixIn, mixin, base) if mixin else (PreForkMixIn, base)
+    name = f"PreFork{worker_class.title()}{base.__name__}"
+    return type(name, bases, {"address_family": family})
+
+
+def _chdir(path: str) -> None:
+    try:
+        os.chdir(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot change to directory {path}: {exc.strerror}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: click errors become one 'Error:' line, never a traceback."""
+    try:
+        result = cli.main(args=argv, prog_name="prefork", standalone_mode=False)
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        click.echo(f"Error: {_one_line(exc.format_message())}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo(f"Error: {_one_line(exc.format_message())}", err=True)
+        sys.exit(exc.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+

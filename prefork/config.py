@@ -1,0 +1,180 @@
+"""The one settings object: every knob is declared once, here.
+
+``Config`` feeds the library (``PreForkMixIn`` keyword arguments and class attributes),
+the command line (``prefork run`` builds one click option per field, with its
+``PREFORK_<OPTION>`` environment variable) and, later, the configuration file.
+Each field's metadata says how it appears on the command line and whether the
+library accepts it.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+WorkerClass = Literal["sync", "thread", "fork"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+def setting(
+    default: Any = MISSING,
+    *,
+    help: str,
+    flag: str | None = None,
+    short: str | None = None,
+    library: bool = True,
+    default_text: str | None = None,
+    default_factory: Any = MISSING,
+) -> Any:
+    """Declare one setting. ``flag`` defaults to the field name with dashes."""
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "short": short,
+        "library": library,
+        "default_text": default_text,
+    }
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Everything the master needs. Built by ``prefork run`` or by ``PreForkMixIn``."""
+
+    binds: tuple[str, ...] = setting(
+        ("127.0.0.1:8000",),
+        flag="bind",
+        short="-b",
+        library=False,
+        help="Address to serve, repeatable: HOST:PORT, [IPV6]:PORT, tcp://HOST:PORT, "
+        "udp://HOST:PORT, unix:PATH, unix-dgram:PATH, fd://N.",
+    )
+    workers: int = setting(
+        default_factory=cpu_count,
+        short="-w",
+        default_text="CPU count",
+        help="Number of worker processes.",
+    )
+    worker_class: WorkerClass = setting(
+        "sync",
+        short="-k",
+        library=False,
+        help="How a worker serves connections: one at a time (sync), in threads (thread) "
+        "or in a child process each (fork). The library picks this from the server's "
+        "bases (ThreadingMixIn, ForkingMixIn).",
+    )
+    threads: int = setting(
+        16,
+        help="Most connections a thread worker serves at once; at that many it stops "
+        "accepting so idle workers take new connections.",
+    )
+    backlog: int = setting(2048, help="Listen queue length of each stream socket.")
+    reuse_port: bool = setting(
+        False,
+        help="Give each worker its own SO_REUSEPORT socket so the kernel spreads "
+        "connections evenly (TCP and UDP, where the kernel supports it).",
+    )
+    tcp_nodelay: bool = setting(
+        True, help="Set TCP_NODELAY on accepted TCP connections (no Nagle delay)."
+    )
+    graceful_timeout: float = setting(
+        30.0,
+        help="Seconds a stopping worker may spend finishing its requests before it is killed.",
+    )
+    worker_timeout: float = setting(
+        30.0,
+        flag="timeout",
+        help="Seconds a worker may go without a heartbeat (a stuck loop, or a sync "
+        "worker stuck in one request) before it is killed and replaced; 0 turns it off.",
+    )
+    max_requests: int = setting(
+        0, help="Requests a worker serves before it is replaced; 0 means never."
+    )
+    name: str | None = setting(
+        None,
+        default_text="MODULE:OBJECT",
+        help="Name shown in process titles and logs.",
+    )
+    chdir: str | None = setting(
+        None, library=False, help="Directory to change to before importing the app."
+    )
+    log_level: LogLevel = setting("info", library=False, help="Least severe level logged.")
+    pid: str | None = setting(
+        None, library=False, help="Write the master's PID to this file while it runs."
+    )
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(Config)
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        _check_at_least("workers", self.workers, 1)
+        _check_at_least("threads", self.threads, 1)
+        _check_at_least("backlog", self.backlog, 1)
+        _check_at_least("max_requests", self.max_requests, 0)
+        _check_at_least("graceful_timeout", self.graceful_timeout, 0)
+        _check_at_least("worker_timeout", self.worker_timeout, 0)
+        if not self.binds:
+            raise ConfigError("binds must name at least one address")
+
+
+def _check_at_least(name: str, value: float, least: float) -> None:
+    if value < least:
+        raise ConfigError(f"{name} must be at least {least}, got {value!r}")
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """Reject a value of the wrong type with a message naming the setting."""
+    if not _is_instance(value, hint):
+        raise ConfigError(f"{name} must be {describe_type(hint)}, got {value!r}")
+
+
+def _is_instance(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return value in args
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_is_instance(v, args[0]) for v in value)
+    if args:  # Optional[X] / X | None
+        return any(_is_instance(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool) and hint is not bool:
+        return False  # True is an int to Python, never a worker count to us
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def describe_type(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        return f"a tuple of {describe_type(args[0])}"
+    if args:
+        return " or ".join(describe_type(a) for a in args)
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        hint, "None"
+    )
+
+
+def flag_name(f: Any) -> str:
+    """The long option name of a field, without dashes: ``worker_timeout`` -> ``timeout``."""
+    return str(f.metadata["flag"] or f.name.replace("_", "-"))
+
+
+def env_var(f: Any) -> str:
+    return "PREFORK_" + flag_name(f).upper().replace("-", "_")
+
+
+LIBRARY_SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(Config) if f.metadata["library"])

@@ -1,0 +1,197 @@
+"""Addresses: parse ``--bind`` values, and the socket chores around binding.
+
+``parse_bind`` is pure and table-tested. The rest touches sockets: telling a stale
+Unix socket file from a live one, opening the per-worker SO_REUSEPORT siblings,
+and turning an ``OSError`` from bind into a one-line ``BindError``.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import re
+import socket
+import socketserver
+import stat
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import BindError
+
+Kind = Literal["tcp", "udp", "unix", "unix-dgram", "fd"]
+
+_SCHEMES: dict[str, Kind] = {
+    "tcp://": "tcp",
+    "udp://": "udp",
+    "unix:": "unix",
+    "unix-dgram:": "unix-dgram",
+    "fd://": "fd",
+}
+_IPV4_LOOKALIKE = re.compile(r"[0-9.]+")
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9-]+)*\.?")
+
+
+@dataclass(frozen=True)
+class BindSpec:
+    """One parsed ``--bind`` value. ``address`` is what socketserver takes, or an fd number."""
+
+    kind: Kind
+    address: tuple[str, int] | str | int
+    text: str
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        if self.kind in ("unix", "unix-dgram"):
+            return socket.AF_UNIX
+        assert isinstance(self.address, tuple)
+        return socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
+
+    @property
+    def stream(self) -> bool:
+        return self.kind in ("tcp", "unix")
+
+
+def parse_bind(text: str) -> BindSpec:
+    """Turn one --bind value into a BindSpec; raise BindError naming the value."""
+    kind: Kind = "tcp"
+    rest = text
+    for prefix, scheme_kind in _SCHEMES.items():
+        if text.startswith(prefix):
+            kind, rest = scheme_kind, text[len(prefix) :]
+            break
+    else:
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
+            raise BindError(f"bad bind {text!r}: unknown scheme (use tcp://, udp://, unix:, "
+                            "unix-dgram: or fd://)")
+    if kind in ("unix", "unix-dgram"):
+        if not rest:
+            raise BindError(f"bad bind {text!r}: the Unix socket path is empty")
+        # '@name' is Linux's abstract namespace, which Python spells with a NUL byte.
+        return BindSpec(kind, "\0" + rest[1:] if rest.startswith("@") else rest, text)
+    if kind == "fd":
+        if not (rest.isascii() and rest.isdigit()):
+            raise BindError(f"bad bind {text!r}: expected fd://N with N a descriptor number")
+        return BindSpec("fd", int(rest), text)
+    return BindSpec(kind, _split_host_port(rest, text), text)
+
+
+def _split_host_port(rest: str, text: str) -> tuple[str, int]:
+    if rest.startswith("["):
+        host, sep, port = rest[1:].partition("]:")
+        if not sep:
+            raise BindError(f"bad bind {text!r}: expected [IPV6]:PORT")
+        _check_ip(host, ipaddress.IPv6Address, text)
+    else:
+        host, sep, port = rest.rpartition(":")
+        if not sep:
+            raise BindError(f"bad bind {text!r}: expected HOST:PORT")
+        if ":" in host:
+            raise BindError(f"bad bind {text!r}: put an IPv6 address in brackets, [{host}]:{port}")
+        if _IPV4_LOOKALIKE.fullmatch(host):
+            _check_ip(host, ipaddress.IPv4Address, text)
+        elif host and not _HOSTNAME.fullmatch(host):
+            raise BindError(f"bad bind {text!r}: {host!r} is not a host name or address")
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+        raise BindError(f"bad bind {text!r}: port must be a number from 0 to 65535")
+    return host or "0.0.0.0", int(port)
+
+
+def _check_ip(host: str, kind: type[ipaddress._BaseAddress], text: str) -> None:
+    try:
+        kind(host)
+    except ValueError:
+        raise BindError(f"bad bind {text!r}: {host!r} is not a valid IP address") from None
+
+
+def base_server_class(spec: BindSpec) -> type[socketserver.BaseServer]:
+    """The stdlib server class a bind is served with (its family for TCP/UDP comes later)."""
+    if spec.kind == "fd":
+        with socket.socket(fileno=os.dup(int(spec.address))) as sock:
+            return _class_for(sock.family, sock.type == socket.SOCK_STREAM)
+    return _class_for(spec.family, spec.stream)
+
+
+def _class_for(family: int, stream: bool) -> type[socketserver.BaseServer]:
+    if family == socket.AF_UNIX:
+        return socketserver.UnixStreamServer if stream else socketserver.UnixDatagramServer
+    return socketserver.TCPServer if stream else socketserver.UDPServer
+
+
+def inherited_socket(fd: int, text: str) -> socket.socket:
+    """Adopt an already-bound descriptor (``fd://N``); family and type come from the fd."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise BindError(f"cannot use {text}: {describe_os_error(exc)}") from None
+    if sock.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        sock.detach()
+        raise BindError(f"cannot use {text}: not a stream or datagram socket")
+    return sock
+
+
+def remove_stale_unix_socket(path: str, sock_type: int) -> None:
+    """Delete ``path`` if it is a Unix socket nobody listens on; a live one is left alone.
+
+    A live socket then makes bind() fail with "address already in use", as it should.
+    """
+    if path.startswith("\0"):
+        return  # abstract names vanish with their last socket
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return
+    except OSError:
+        return
+    with socket.socket(socket.AF_UNIX, sock_type) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def reuse_port_supported(sock: socket.socket) -> bool:
+    return hasattr(socket, "SO_REUSEPORT") and sock.family in (socket.AF_INET, socket.AF_INET6)
+
+
+def open_sibling(sock: socket.socket, backlog: int) -> socket.socket:
+    """Another socket on the same address, for one worker's own SO_REUSEPORT queue."""
+    sibling = socket.socket(sock.family, sock.type)
+    try:
+        sibling.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sibling.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if sock.type == socket.SOCK_STREAM and sock.family != socket.AF_UNIX:
+            nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            sibling.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, nodelay)
+        sibling.bind(sock.getsockname())
+        if sock.type == socket.SOCK_STREAM:
+            sibling.listen(backlog)
+        sibling.setblocking(False)
+    except BaseException:
+        sibling.close()
+        raise
+    return sibling
+
+
+_ERRNO_WORDS = {
+    errno.EADDRINUSE: "address already in use",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EADDRNOTAVAIL: "address not available on this machine",
+    errno.ENOENT: "no such directory",
+    errno.ENOTDIR: "a path component is not a directory",
+    errno.EBADF: "not an open descriptor",
+    errno.ENOTSOCK: "not a socket",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host ({exc.strerror})"
+    words = _ERRNO_WORDS.get(exc.errno or 0)
+    return words or (exc.strerror or str(exc)).lower()
+
+
+def bind_error(text: str, exc: OSError) -> BindError:
+    return BindError(f"cannot bind {text}: {describe_os_error(exc)}")

@@ -1,0 +1,170 @@
+"""PreForkMixIn: serve any socketserver server from a supervised pool of pre-forked workers.
+
+    +-----------------+   binds once, forks N, supervises; never serves a request
+    | PreForkMixIn    |
+    +-----------------+
+            |  mixes with (optional)      and with one of
+            v
+    ThreadingMixIn / ForkingMixIn   TCPServer, UDPServer, UnixStreamServer, UnixDatagramServer
+
+Put it first among the bases, as the stdlib mix-ins go::
+
+    class Server(PreForkMixIn, ThreadingMixIn, TCPServer): ...
+
+``serve_forever()`` runs the master; every worker runs the request cycle of the server it
+was forked from, through its public hooks, inline or in threads or in child processes as
+the other bases say.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import socketserver
+import threading
+from typing import Any
+
+from . import listeners
+from .arbiter import Arbiter
+from .config import LIBRARY_SETTINGS, Config
+
+__all__ = ["PreForkMixIn"]
+
+
+class PreForkMixIn:
+    """Pre-fork a pool of workers that share this server's socket.
+
+    Class attributes, also keyword-only constructor arguments (see ``prefork.Config``):
+    ``workers`` (CPU count), ``threads`` (16; per thread worker), ``backlog`` (2048),
+    ``reuse_port`` (False), ``tcp_nodelay`` (True), ``graceful_timeout`` (30 s),
+    ``worker_timeout`` (30 s; 0 = off), ``max_requests`` (0 = never), ``name`` (None:
+    the handler's ``module:qualname``). They are read when the server is constructed.
+
+    May be overridden, as in socketserver, and run in each worker: ``verify_request``,
+    ``process_request``, ``finish_request``, ``handle_error``, ``shutdown_request``,
+    ``service_actions``, ``handle_timeout``. ``server_bind`` and ``server_activate`` run
+    once, in the master, before the fork.
+
+    May be extended; call super(): ``__init__``, ``server_bind``, ``server_activate``,
+    ``serve_forever``, ``shutdown``, ``server_close``, ``process_request_thread``.
+    """
+
+    def __init__(self, server_address: Any, RequestHandlerClass: Any,  # noqa: N803
+                 bind_and_activate: bool = True, **settings: Any) -> None:
+        unknown = sorted(settings.keys() - set(LIBRARY_SETTINGS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument "
+                            f"{unknown[0]!r}")
+        vars(self).update(settings)
+        self.prefork_config = Config(**{name: getattr(self, name) for name in LIBRARY_SETTINGS})
+        self.request_queue_size = self.prefork_config.backlog
+        self._prefork_lock = threading.Lock()
+        self._prefork_arbiter: Arbiter | None = None
+        self._prefork_shutdown_requested = False
+        self._prefork_stopped = threading.Event()
+        self._prefork_stopped.set()
+        self._prefork_reuse_port = False
+        self._prefork_unlink: tuple[int, str] | None = None  # (pid that bound, path)
+        super().__init__(server_address, RequestHandlerClass, bind_and_activate)  # type: ignore[call-arg]
+
+    @classmethod
+    def from_socket(cls, sock: socket.socket, RequestHandlerClass: Any,  # noqa: N803
+                    **settings: Any) -> Any:
+        """A server on an already-bound socket (``fd://N``, systemd, a test's own socket)."""
+        server: Any = cls(sock.getsockname(), RequestHandlerClass, bind_and_activate=False,
+                          **settings)
+        server.socket.close()
+        server.socket = sock
+        server.server_address = sock.getsockname()
+        if sock.type == socket.SOCK_STREAM:
+            sock.listen(server.request_queue_size)
+        return server
+
+    # -- binding, in the master ------------------------------------------------------------
+    def server_bind(self) -> None:
+        sock: socket.socket = self.socket  # type: ignore[attr-defined]
+        address: Any = self.server_address  # type: ignore[has-type]
+        if sock.family == socket.AF_UNIX and isinstance(address, str):
+            listeners.remove_stale_unix_socket(address, sock.type)
+        elif sock.type == socket.SOCK_STREAM:  # restart without waiting out TIME_WAIT
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.prefork_config.reuse_port and listeners.reuse_port_supported(sock):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            self._prefork_reuse_port = True
+        super().server_bind()  # type: ignore[misc]
+        if sock.family == socket.AF_UNIX and isinstance(address, str) and address[:1] != "\0":
+            self._prefork_unlink = (os.getpid(), address)
+
+    def server_activate(self) -> None:
+        super().server_activate()  # type: ignore[misc]
+        sock: socket.socket = self.socket  # type: ignore[attr-defined]
+        if (self.prefork_config.tcp_nodelay and sock.type == socket.SOCK_STREAM
+                and sock.family in (socket.AF_INET, socket.AF_INET6)):
+            # Accepted sockets inherit it on Linux: no per-connection syscall.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    # -- the master's life ------------------------------------------------------------------
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Fork the pool and supervise it until ``shutdown()`` or a stop signal.
+
+        Returns only when every worker has exited. Outside the main thread no signal
+        handlers are installed, and ``shutdown()`` is the way to stop.
+        """
+        with self._prefork_lock:
+            if self._prefork_shutdown_requested:  # shutdown() came first: do not start
+                self._prefork_shutdown_requested = False
+                return
+            self._prefork_arbiter = Arbiter([self], self.prefork_config, name=self._prefork_name())
+            self._prefork_stopped.clear()
+        try:
+            self._prefork_arbiter.run(poll_interval)
+        finally:
+            with self._prefork_lock:
+                self._prefork_arbiter = None
+                self._prefork_shutdown_requested = False
+                self._prefork_stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop serve_forever (gracefully) and wait until it has returned.
+
+        Call it from another thread. Called before serve_forever starts, it returns at
+        once and makes the next serve_forever return at once.
+        """
+        with self._prefork_lock:
+            arbiter = self._prefork_arbiter
+            if arbiter is None:
+                self._prefork_shutdown_requested = True
+                return
+            arbiter.request_stop(graceful=True)
+        self._prefork_stopped.wait()
+
+    def server_close(self) -> None:
+        super().server_close()  # type: ignore[misc]
+        if self._prefork_unlink and self._prefork_unlink[0] == os.getpid():
+            try:
+                os.unlink(self._prefork_unlink[1])
+            except FileNotFoundError:
+                pass
+            self._prefork_unlink = None
+
+    # -- in the workers -----------------------------------------------------------------------
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """ThreadingMixIn's per-request thread; tells the thread worker when it is done."""
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[misc]
+        finally:
+            self._prefork_request_done()
+
+    def _prefork_request_done(self) -> None:
+        """Replaced by the thread worker in its process."""
+
+    def _prefork_name(self) -> str:
+        if self.prefork_config.name:
+            return self.prefork_config.name
+        handler = self.RequestHandlerClass  # type: ignore[attr-defined]
+        return f"{handler.__module__}:{handler.__qualname__}" if handler else "prefork"
+
+
+_DEFAULTS = Config()
+for _name in LIBRARY_SETTINGS:  # class attributes, one per library setting, declared once
+    setattr(PreForkMixIn, _name, getattr(_DEFAULTS, _name))

@@ -1,0 +1,101 @@
+"""Load ``MODULE:OBJECT``, the request handler class that ``prefork run`` serves.
+
+The master never imports the app itself: it checks the import in a throwaway child
+(``Target.check``) and each worker imports it after the fork (``Target.load``). That keeps
+the master's memory free of app code, so a reload can give workers freshly imported code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import socketserver
+import sys
+from dataclasses import dataclass
+
+from .errors import AppImportError
+
+log = logging.getLogger("prefork.target")
+
+
+@dataclass(frozen=True)
+class Target:
+    module: str
+    object: str
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        module, sep, obj = text.partition(":")
+        if not sep or not module or not obj:
+            raise AppImportError(f"bad app {text!r}: expected MODULE:OBJECT, e.g. myapp:Handler")
+        return cls(module, obj)
+
+    def __str__(self) -> str:
+        return f"{self.module}:{self.object}"
+
+    def load(self) -> type[socketserver.BaseRequestHandler]:
+        """Import the module and return the handler class; AppImportError says what failed."""
+        try:
+            module = importlib.import_module(self.module)
+        except Exception as exc:
+            log.debug("importing %s failed", self.module, exc_info=True)
+            raise AppImportError(f"cannot import {self.module!r}: {_last_line(exc)}") from None
+        obj = module
+        try:
+            for part in self.object.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            raise AppImportError(f"module {self.module!r} has no object {self.object!r}") from None
+        if not (isinstance(obj, type) and issubclass(obj, socketserver.BaseRequestHandler)):
+            raise AppImportError(
+                f"{self} is not a request handler class (a socketserver.BaseRequestHandler "
+                f"subclass), it is {type(obj).__name__!r}"
+            )
+        return obj
+
+    def check(self) -> None:
+        """Import the target in a throwaway child; raise AppImportError if that fails.
+
+        A child, so a broken or half-imported app never lands in the master's memory.
+        """
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: import, report one line, vanish without cleanup
+            code = 1
+            try:
+                os.close(read_fd)
+                try:
+                    self.load()
+                    message = b""
+                except AppImportError as exc:
+                    message = str(exc).encode("utf-8", "replace")
+                os.write(write_fd, message or b"ok")
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        chunks = []
+        with contextlib.closing(os.fdopen(read_fd, "rb")) as pipe:
+            chunks.append(pipe.read())
+        _, status = os.waitpid(pid, 0)
+        answer = b"".join(chunks).decode("utf-8", "replace")
+        if answer != "ok":
+            if not answer:
+                code = os.waitstatus_to_exitcode(status)
+                answer = f"cannot import {self.module!r}: the import ended the process ({code})"
+            raise AppImportError(answer)
+
+
+def _last_line(exc: BaseException) -> str:
+    """The exception as a traceback's last line: "SyntaxError: invalid syntax (app.py, line 3)"."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def add_cwd_to_path() -> None:
+    """Make MODULE importable from the current directory, as ``python -m`` does."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)

@@ -1,0 +1,240 @@
+"""Worker: one pre-forked process running socketserver's request cycle.
+
+The loop waits on every listening socket, the worker's own signal pipe and the
+master's liveness pipe, and serves through the server's public hooks only:
+``get_request``, ``verify_request``, ``process_request``, ``handle_error``,
+``shutdown_request``, ``service_actions`` and ``handle_timeout``. Whether a request is
+served inline, in a thread or in a child follows the server's bases, exactly as with
+``serve_forever``.
+
+Worker signals: TERM stops accepting and finishes what was accepted; QUIT and INT exit
+now. The master's death (EOF on its pipe) also means exit now.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import socketserver
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, NoReturn
+
+from .. import signals
+from ..errors import EXIT_BOOT_ERROR, EXIT_IMPORT_ERROR, EXIT_OK, AppImportError
+from ..heartbeat import Heartbeat
+from ..process import set_title
+
+log = logging.getLogger("prefork.worker")
+
+Loader = Callable[[], type[socketserver.BaseRequestHandler]]
+# Signals a worker ignores: the master's business (HUP, TTIN...), or a terminal's.
+_IGNORED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT)
+
+READY = b"R"
+BOOT_ERROR = b"E"
+
+
+@dataclass
+class WorkerSpec:
+    """What the master hands a worker across the fork."""
+
+    nr: int
+    generation: int
+    servers: list[Any]  # PreForkMixIn instances
+    sockets: list[socket.socket | None]  # per server: this worker's own socket, if any
+    heartbeat: Heartbeat
+    status_fd: int  # write end: READY, or BOOT_ERROR + message; EOF when we are gone
+    master_fd: int  # read end of a pipe only the master writes to: EOF = master died
+    poll_interval: float
+    max_requests: int
+    name: str
+    loader: Loader | None = None
+    inherited_fds: list[int] = field(default_factory=list)  # the master's, closed at boot
+
+
+class Worker:
+    """Serve requests until told to stop. Subclasses bound concurrency and drain differently.
+
+    May be extended: ``has_capacity``, ``process``, ``is_idle``, ``quit_now``, ``boot``.
+    """
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.servers = spec.servers
+        self.requests = 0
+        self.alive = True  # False: stop accepting, finish what was accepted
+        self.wakeup = signals.Wakeup()
+        self.selector = selectors.DefaultSelector()
+        self._accepting = False
+        self._timed: dict[Any, float] = {}  # servers with a .timeout -> last activity
+
+    # -- entry point, in the child right after fork ---------------------------------------
+    def run(self) -> NoReturn:
+        code = EXIT_OK
+        try:
+            self.boot()
+        except AppImportError as exc:
+            code = self._report_boot_error(exc, EXIT_IMPORT_ERROR)
+        except Exception as exc:
+            log.debug("worker %d failed to boot", self.spec.nr, exc_info=True)
+            code = self._report_boot_error(exc, EXIT_BOOT_ERROR)
+        else:
+            try:
+                code = self.serve()
+            except BaseException:
+                log.exception("worker %d (pid %d) crashed", self.spec.nr, os.getpid())
+                code = 1
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:  # noqa: S110 - a closed stream must not block the exit
+                    pass
+            os._exit(code)
+
+    def boot(self) -> None:
+        """Set up signals, sockets and the app; then tell the master we are ready."""
+        spec = self.spec
+        for fd in spec.inherited_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, self.wakeup.handler)
+        for signum in _IGNORED:
+            signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signals.unblock_all()  # the master blocked them around fork()
+        set_title(f"prefork: worker {spec.nr} [{spec.name}]")
+        if spec.loader is not None:
+            handler_class = spec.loader()
+            for server in self.servers:
+                server.RequestHandlerClass = handler_class
+        for server, own in zip(self.servers, spec.sockets):
+            if own is not None:
+                server.socket = own  # this worker's SO_REUSEPORT sibling
+            if server.timeout is not None:
+                self._timed[server] = time.monotonic()
+        self.selector.register(self.wakeup.read_fd, selectors.EVENT_READ, self._on_wakeup)
+        self.selector.register(spec.master_fd, selectors.EVENT_READ, self._on_master_gone)
+        self.resume_accepting()
+        os.write(spec.status_fd, READY)
+
+    def _report_boot_error(self, exc: Exception, code: int) -> int:
+        message = str(exc) if isinstance(exc, AppImportError) else f"{type(exc).__name__}: {exc}"
+        try:
+            os.write(self.spec.status_fd, BOOT_ERROR + " ".join(message.split()).encode()[:4000])
+        except OSError:
+            pass
+        return code
+
+    # -- the loop ------------------------------------------------------------------------
+    def serve(self) -> int:
+        select, beat = self.selector.select, self.spec.heartbeat.beat
+        while self.alive or not self.is_idle():
+            for key, _ in select(self._select_timeout()):
+                key.data()
+            beat()
+            for server in self.servers:
+                server.service_actions()
+            if self._timed:
+                self._handle_timeouts()
+            if not self._accepting and self.alive and self.has_capacity():
+                self.resume_accepting()
+        return EXIT_OK
+
+    def serve_one(self, server: Any) -> None:
+        """Accept one request from ``server`` and hand it on, as BaseServer does."""
+        try:
+            request, client_address = server.get_request()
+        except OSError:
+            return  # BlockingIOError: a sibling won the accept/recvfrom race
+        self.requests += 1
+        if self._timed and server in self._timed:
+            self._timed[server] = time.monotonic()
+        if server.verify_request(request, client_address):
+            try:
+                self.process(server, request, client_address)
+            except Exception:
+                server.handle_error(request, client_address)
+                server.shutdown_request(request)
+            except BaseException:
+                server.shutdown_request(request)
+                raise
+        else:
+            server.shutdown_request(request)
+        if self.requests == self.spec.max_requests:
+            log.info("worker %d (pid %d) served %d requests; retiring",
+                     self.spec.nr, os.getpid(), self.requests)
+            self.stop_accepting()
+        elif not self.has_capacity():
+            self.pause_accepting()
+
+    def process(self, server: Any, request: Any, client_address: Any) -> None:
+        server.process_request(request, client_address)
+
+    # -- capacity and draining; overridden by thread and fork workers --------------------
+    def has_capacity(self) -> bool:
+        return True
+
+    def is_idle(self) -> bool:
+        return True
+
+    def quit_now(self) -> NoReturn:
+        os._exit(EXIT_OK)
+
+    def pause_accepting(self) -> None:
+        if self._accepting:
+            for server in self.servers:
+                self.selector.unregister(server.socket)
+            self._accepting = False
+
+    def resume_accepting(self) -> None:
+        if not self._accepting:
+            for server in self.servers:
+                self.selector.register(server.socket, selectors.EVENT_READ,
+                                       partial(self.serve_one, server))
+            self._accepting = True
+
+    def stop_accepting(self) -> None:
+        """Graceful stop: no new requests; the loop ends once in-flight ones are done."""
+        self.pause_accepting()
+        self.alive = False
+
+    # -- control events --------------------------------------------------------------------
+    def _on_wakeup(self) -> None:
+        self.wakeup.drain()
+        while self.wakeup.pending:
+            signum = self.wakeup.pending.popleft()
+            if signum == signal.SIGTERM:
+                self.stop_accepting()
+            elif signum in (signal.SIGQUIT, signal.SIGINT):
+                self.quit_now()
+
+    def _on_master_gone(self) -> None:
+        log.warning("worker %d (pid %d): the master is gone; exiting", self.spec.nr, os.getpid())
+        self.quit_now()
+
+    def _select_timeout(self) -> float:
+        timeout = self.spec.poll_interval
+        if self._timed:
+            now = time.monotonic()
+            for server, since in self._timed.items():
+                timeout = min(timeout, max(0.0, since + server.timeout - now))
+        return timeout
+
+    def _handle_timeouts(self) -> None:
+        now = time.monotonic()
+        for server, since in self._timed.items():
+            if now - since >= server.timeout:
+                server.handle_timeout()
+                self._timed[server] = now

@@ -1,0 +1,56 @@
+"""ThreadWorker: ThreadingMixIn per connection, at most ``threads`` at once.
+
+At the cap the worker stops accepting, so an idle sibling takes the next connection
+instead of it queueing behind busy threads. A finishing thread wakes the loop (only
+when the loop is paused) so accepting resumes at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ..config import Config
+from .base import Worker, WorkerSpec
+
+
+class ThreadWorker(Worker):
+    def __init__(self, spec: WorkerSpec, threads: int = Config.threads) -> None:
+        super().__init__(spec)
+        self.threads = threads
+        self.busy = 0
+        self._lock = threading.Lock()
+        self._wake_when_done = False
+
+    def boot(self) -> None:
+        for server in self.servers:
+            server._prefork_request_done = self._request_done
+        super().boot()
+
+    def process(self, server: Any, request: Any, client_address: Any) -> None:
+        with self._lock:
+            self.busy += 1
+        try:
+            server.process_request(request, client_address)  # starts the thread
+        except BaseException:
+            self._request_done(notify=False)
+            raise
+
+    def has_capacity(self) -> bool:
+        with self._lock:
+            full = self.busy >= self.threads
+            self._wake_when_done = full
+        return not full
+
+    def is_idle(self) -> bool:
+        with self._lock:
+            self._wake_when_done = self.busy > 0  # wake the draining loop when done
+            return self.busy == 0
+
+    def _request_done(self, notify: bool = True) -> None:
+        """Called at the end of every request thread (PreForkMixIn.process_request_thread)."""
+        with self._lock:
+            self.busy -= 1
+            wake = self._wake_when_done and notify
+        if wake:
+            self.wakeup.notify()

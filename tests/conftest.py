@@ -1,0 +1,244 @@
+"""Fixtures: real servers in subprocesses or threads, sockets the tests own, and a guard
+that fails any test leaving a process behind.
+
+pytest makes itself a child subreaper, so a worker orphaned by a killed master is
+re-parented to pytest instead of init: the guard sees it, and reaps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01,
+               message: str = "condition") -> Any:
+    """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def living_descendants() -> list[psutil.Process]:
+    """Our descendants that still run; zombies among our own children are reaped here."""
+    alive = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                if proc.ppid() == os.getpid():
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(proc.pid, os.WNOHANG)
+                continue
+            alive.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def is_running(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie counts as gone."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _subreaper() -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+@pytest.fixture(autouse=True)
+def no_stray_processes() -> Iterator[None]:
+    """Fail a test that leaves any process of its own running (after a short grace)."""
+    yield
+    deadline = time.monotonic() + 5.0
+    while (strays := living_descendants()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if strays:
+        described = [f"{p.pid} {' '.join(p.cmdline()) or p.name()}" for p in strays]
+        for proc in strays:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        wait_until(lambda: not living_descendants(), 5.0, message="strays to die")
+        pytest.fail(f"test left processes running: {described}")
+
+
+# -- sockets the test owns --------------------------------------------------------------
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """A listening TCP socket on 127.0.0.1, inheritable, for ``--bind fd://N``."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.set_inheritable(True)
+    yield sock
+    sock.close()
+
+
+def echo_line(address: Any, payload: bytes = b"ping", timeout: float = 5.0) -> bytes:
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout)
+        conn.connect(address)
+        conn.sendall(payload + b"\n")
+        return conn.makefile("rb").readline().rstrip(b"\n")
+
+
+def can_connect(address: Any) -> bool:
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as conn:
+        conn.settimeout(1.0)
+        try:
+            conn.connect(address)
+        except OSError:
+            return False
+    return True
+
+
+# -- the CLI in a subprocess ----------------------------------------------------------------
+class CliServer:
+    """``python -m prefork run ...`` as a user would start it, with its log in a file."""
+
+    def __init__(self, args: list[str], cwd: Path, log_path: Path, pass_fds: tuple[int, ...],
+                 env: dict[str, str] | None) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        full_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{cwd}", **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "prefork", "run", *args], cwd=cwd, stdout=self._log,
+            stderr=subprocess.STDOUT, pass_fds=pass_fds, env=full_env, start_new_session=True,
+        )
+        self.pid = self.proc.pid
+        self._known_workers: set[int] = set()
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def booted(self) -> list[int]:
+        """PIDs of workers whose boot the master logged, still running."""
+        pids = [int(p) for p in re.findall(r"worker \d+ \(pid (\d+)\) booted", self.log)]
+        return [p for p in pids if is_running(p) and p in self.worker_pids()]
+
+    def worker_pids(self) -> list[int]:
+        try:
+            children = psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+        pids = []
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    pids.append(child.pid)
+        self._known_workers.update(pids)
+        return sorted(pids)
+
+    def wait_ready(self, workers: int, timeout: float = 10.0) -> list[int]:
+        return wait_until(lambda: len(self.booted()) == workers and self.booted(), timeout,
+                          message=f"{workers} workers to boot; log:\n{self.log}")
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait_exit(self, timeout: float = 10.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        """Finaliser: stop the master by PID, then any worker it left, by PID."""
+        self.worker_pids()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for pid in self._known_workers:
+            with contextlib.suppress(ProcessLookupError):
+                if is_running(pid):
+                    os.kill(pid, signal.SIGKILL)
+        self._log.close()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., CliServer]]:
+    started: list[CliServer] = []
+
+    def start(*args: str, cwd: Path | None = None, pass_fds: tuple[int, ...] = (),
+              env: dict[str, str] | None = None) -> CliServer:
+        server = CliServer(list(args), cwd or tmp_path, tmp_path / f"server{len(started)}.log",
+                           pass_fds, env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
+            timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    """Run ``prefork`` to completion (for commands that fail before serving)."""
+    full_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{cwd}", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "prefork", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    """A directory with small handler modules the CLI tests serve."""
+    (tmp_path / "apps.py").write_text(APPS)
+    return tmp_path
+
+
+APPS = '''
+import os, socketserver, time
+
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(line)
+
+class Pid(socketserver.StreamRequestHandler):
+    """Answers every line with the worker's pid."""
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(b"%d\\n" % os.getpid())
+
+class Slow(socketserver.StreamRequestHandler):
+    """Says 'started', sleeps for the number of seconds sent, then says 'done'."""
+    def handle(self):
+        seconds = float(self.rfile.readline())
+        self.wfile.write(b"started\\n"); self.wfile.flush()
+        time.sleep(seconds)
+        self.wfile.write(b"done\\n")
+
+class DatagramEcho(socketserver.DatagramRequestHandler):
+    def handle(self):
+        self.wfile.write(self.rfile.read())
+
+not_a_class = 42
+'''

@@ -1,0 +1,290 @@
+"""The library API, served in-process: ready classes, the mix-in, socketserver's hooks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import socketserver
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import prefork
+from conftest import echo_line, is_running, living_descendants, wait_until
+
+# serve_forever runs in a thread here; on Python 3.12+ fork() then warns about threads.
+pytestmark = pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork:DeprecationWarning")
+
+
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        for line in self.rfile:
+            self.wfile.write(line)
+
+
+class DatagramEcho(socketserver.DatagramRequestHandler):
+    def handle(self) -> None:
+        self.wfile.write(self.rfile.read())
+
+
+class Pid(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        for _ in self.rfile:
+            self.wfile.write(b"%d\n" % os.getpid())
+
+
+@contextmanager
+def serving(server: Any, poll_interval: float = 0.1) -> Iterator[Any]:
+    """Run serve_forever in a thread; shutdown() and server_close() on the way out.
+
+    It yields once the pool has forked: a socket this process opens while a worker is
+    being forked would be inherited by that worker, which could then hold open the
+    very connection it waits on (true of any fork in a threaded program).
+    """
+    expected = len(workers_of()) + server.prefork_config.workers
+    thread = threading.Thread(target=server.serve_forever, args=(poll_interval,))
+    thread.start()
+    try:
+        wait_until(lambda: len(workers_of()) == expected, message="the pool to fork")
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(10)
+        server.server_close()
+        assert not thread.is_alive()
+
+
+def workers_of(pid: int = 0) -> list[int]:
+    import psutil
+
+    return sorted(p.pid for p in psutil.Process(pid or os.getpid()).children()
+                  if p.status() != psutil.STATUS_ZOMBIE and "worker" in " ".join(p.cmdline()))
+
+
+def datagram_round_trip(server: Any, tmp_path: Path, payload: bytes = b"ping") -> bytes:
+    family = server.socket.family
+    with socket.socket(family, socket.SOCK_DGRAM) as client:
+        if family == socket.AF_UNIX:
+            path = tmp_path / "client.sock"
+            path.unlink(missing_ok=True)
+            client.bind(str(path))
+        client.settimeout(5)
+        client.sendto(payload, server.server_address)
+        return client.recv(4096)
+
+
+READY_CLASSES = [
+    (f"PreFork{model}{kind}Server", kind)
+    for model in ("", "Threading", "Forking")
+    for kind in ("TCP", "UDP", "UnixStream", "UnixDatagram")
+]
+
+
+@pytest.mark.parametrize(("class_name", "kind"), READY_CLASSES)
+def test_ready_class_round_trip_and_shutdown_leaves_no_child(class_name: str, kind: str,
+                                                             tmp_path: Path) -> None:
+    cls = getattr(prefork, class_name)
+    address: Any = str(tmp_path / "s.sock") if kind.startswith("Unix") else ("127.0.0.1", 0)
+    handler = Echo if kind in ("TCP", "UnixStream") else DatagramEcho
+    with serving(cls(address, handler, workers=2)) as server:
+        for n in range(4):
+            payload = b"hello %d" % n
+            if handler is Echo:
+                assert echo_line(server.server_address, payload) == payload
+            else:
+                assert datagram_round_trip(server, tmp_path, payload) == payload
+        assert len(wait_until(lambda: len(workers_of()) == 2 and workers_of())) == 2
+    assert living_descendants() == []  # shutdown() returned only after every worker exited
+    if kind.startswith("Unix"):
+        assert not os.path.exists(address)  # server_close removed the socket file
+
+
+def test_mixin_composes_with_threading_mixin() -> None:
+    class Server(prefork.PreForkMixIn, socketserver.ThreadingMixIn, socketserver.TCPServer):
+        workers = 1
+        threads = 4
+
+    started = threading.Event()
+
+    with serving(Server(("127.0.0.1", 0), Echo)) as server:
+        # Three connections held open at once by one worker: only threads can do that.
+        conns = [socket.create_connection(server.server_address, timeout=5) for _ in range(3)]
+        try:
+            for n, conn in enumerate(conns):
+                conn.sendall(b"%d\n" % n)
+            answers = [conn.makefile("rb").readline() for conn in conns]
+        finally:
+            for conn in conns:
+                conn.close()
+        assert answers == [b"0\n", b"1\n", b"2\n"]
+        started.set()
+
+
+def test_handler_error_reaches_handle_error_and_worker_lives_on(tmp_path: Path) -> None:
+    errors = tmp_path / "errors"
+
+    class Failing(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            line = self.rfile.readline()
+            if line == b"fail\n":
+                raise RuntimeError("handler blew up")
+            self.wfile.write(b"%d\n" % os.getpid())
+
+    class Server(prefork.PreForkTCPServer):
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            with open(errors, "a") as f:
+                f.write(f"{os.getpid()} {client_address[0]}\n")
+
+    with serving(Server(("127.0.0.1", 0), Failing, workers=1)) as server:
+        before = echo_line(server.server_address, b"hi")
+        assert echo_line(server.server_address, b"fail") == b""  # closed, no answer
+        after = echo_line(server.server_address, b"hi")
+        assert before == after  # the same worker answers: it survived
+        assert errors.read_text() == f"{int(before)} 127.0.0.1\n"
+
+
+def test_verify_request_false_closes_the_connection() -> None:
+    class Server(prefork.PreForkTCPServer):
+        def verify_request(self, request: Any, client_address: Any) -> bool:
+            return False
+
+    with serving(Server(("127.0.0.1", 0), Echo, workers=1)) as server:
+        with socket.create_connection(server.server_address, timeout=5) as conn:
+            assert conn.recv(10) == b""  # closed without being served
+
+
+def test_hooks_run_in_workers_and_bind_hooks_once_in_master(tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+
+    def record(what: str) -> None:
+        with open(calls, "a") as f:
+            f.write(f"{what} {os.getpid()}\n")
+
+    class Server(prefork.PreForkTCPServer):
+        timeout = 0.05  # handle_timeout after this long without a request
+
+        def server_bind(self) -> None:
+            record("server_bind")
+            super().server_bind()
+
+        def server_activate(self) -> None:
+            record("server_activate")
+            super().server_activate()
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            record("process_request")
+            super().process_request(request, client_address)
+
+        def finish_request(self, request: Any, client_address: Any) -> None:
+            record("finish_request")
+            super().finish_request(request, client_address)
+
+        def shutdown_request(self, request: Any) -> None:
+            record("shutdown_request")
+            super().shutdown_request(request)
+
+        def service_actions(self) -> None:
+            if not getattr(self, "_recorded_service", False):
+                self._recorded_service = True
+                record("service_actions")
+
+        def handle_timeout(self) -> None:
+            if not getattr(self, "_recorded_timeout", False):
+                self._recorded_timeout = True
+                record("handle_timeout")
+
+    master = os.getpid()
+    with serving(Server(("127.0.0.1", 0), Pid, workers=1)) as server:
+        worker = int(echo_line(server.server_address))
+        wait_until(lambda: "handle_timeout" in calls.read_text())
+    lines = calls.read_text().splitlines()
+    assert lines.count(f"server_bind {master}") == 1
+    assert lines.count(f"server_activate {master}") == 1
+    for hook in ("process_request", "finish_request", "shutdown_request", "service_actions",
+                 "handle_timeout"):
+        assert f"{hook} {worker}" in lines, hook
+        assert f"{hook} {master}" not in lines, f"{hook} ran in the master"
+
+
+def test_unknown_keyword_is_a_type_error_naming_it() -> None:
+    with pytest.raises(TypeError, match="'wrokers'"):
+        prefork.PreForkTCPServer(("127.0.0.1", 0), Echo, wrokers=2)
+
+
+def test_bad_setting_value_is_a_config_error_and_binds_nothing() -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(prefork.ConfigError, match="workers must be at least 1"):
+        prefork.PreForkTCPServer(("127.0.0.1", 0), Echo, workers=0)
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_settings_are_class_attributes_with_config_defaults() -> None:
+    defaults = prefork.Config()
+    assert prefork.PreForkMixIn.workers == defaults.workers == (os.cpu_count() or 1)
+    assert prefork.PreForkMixIn.backlog == 2048
+    assert prefork.PreForkMixIn.graceful_timeout == defaults.graceful_timeout
+
+    class Server(prefork.PreForkTCPServer):
+        workers = 3
+        backlog = 77
+
+    with Server(("127.0.0.1", 0), Echo, bind_and_activate=False) as server:
+        assert server.prefork_config.workers == 3
+        assert server.request_queue_size == 77
+
+
+def test_failed_bind_leaks_no_descriptor() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        before = set(os.listdir("/proc/self/fd"))
+        with pytest.raises(OSError, match="in use"):
+            prefork.PreForkTCPServer(taken.getsockname(), Echo)
+        assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_shutdown_before_serve_forever_does_not_hang() -> None:
+    with prefork.PreForkTCPServer(("127.0.0.1", 0), Echo, workers=1) as server:
+        server.shutdown()  # returns at once
+        thread = threading.Thread(target=server.serve_forever)
+        thread.start()
+        thread.join(5)
+        assert not thread.is_alive()  # and serve_forever, asked to stop already, returned
+    assert living_descendants() == []
+
+
+def test_two_servers_reap_only_their_own_workers() -> None:
+    # The host program's own child must stay the host's: its exit status must survive.
+    host_child = subprocess.Popen(["sh", "-c", "read _; exit 7"], stdin=subprocess.PIPE)
+    a = prefork.PreForkTCPServer(("127.0.0.1", 0), Pid, workers=2)
+    b = prefork.PreForkTCPServer(("127.0.0.1", 0), Pid, workers=2)
+    with serving(a), serving(b):
+        wait_until(lambda: len(workers_of()) == 4)
+        a_pids = {int(echo_line(a.server_address)) for _ in range(8)}
+        victim = next(iter(a_pids))
+        b_before = set(workers_of()) - a_pids
+        host_child.communicate(b"\n", timeout=5)  # it exits with 7 while both servers run
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: not is_running(victim) and len(workers_of()) == 4)
+        assert b_before <= set(workers_of())  # b's workers untouched
+    assert host_child.returncode == 7  # not stolen by a waitpid(-1)
+
+
+def test_serve_forever_in_main_thread_stops_on_sigterm_and_restores_handlers() -> None:
+    previous = signal.getsignal(signal.SIGTERM)
+    with prefork.PreForkTCPServer(("127.0.0.1", 0), Echo, workers=1) as server:
+        def term_when_served() -> None:
+            wait_until(lambda: len(workers_of()) == 1, message="the pool to fork")
+            echo_line(server.server_address)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        sender = threading.Thread(target=term_when_served)
+        sender.start()
+        server.serve_forever(poll_interval=0.1)  # returns on SIGTERM
+        sender.join(5)
+    assert signal.getsignal(signal.SIGTERM) == previous
+    assert living_descendants() == []
