@@ -1,7 +1,7 @@
 """Echo over a Unix stream socket; the socket file is removed when the server stops.
 
-    prefork run examples.echo_unix:EchoHandler --bind unix:/tmp/prefork-echo.sock
-    printf 'hello\\n' | nc -q1 -U /tmp/prefork-echo.sock
+prefork run examples.echo_unix:EchoHandler --bind unix:/tmp/prefork-echo.sock
+printf 'hello\\n' | nc -q1 -U /tmp/prefork-echo.sock
 """
 
 from __future__ import annotations

@@ -58,8 +58,15 @@ class WorkerProcess:
 class Arbiter:
     """Supervise a pool of workers serving ``servers`` (already bound, in this process)."""
 
-    def __init__(self, servers: Sequence[Any], config: Config, *, name: str,
-                 loader: Loader | None = None, route: signals.SignalRoute | None = None) -> None:
+    def __init__(
+        self,
+        servers: Sequence[Any],
+        config: Config,
+        *,
+        name: str,
+        loader: Loader | None = None,
+        route: signals.SignalRoute | None = None,
+    ) -> None:
         self.servers = list(servers)
         self.config = config
         self.name = name
@@ -102,9 +109,14 @@ class Arbiter:
         self._selector.register(self._wakeup.read_fd, selectors.EVENT_READ)
         for server in self.servers:
             server.socket.setblocking(False)  # a worker that loses the accept race moves on
-        log.info("prefork %s master (pid %d) serving %s with %d %s workers", __version__,
-                 os.getpid(), ", ".join(describe_address(s) for s in self.servers),
-                 self.target_workers, worker_model(self.servers[0]))
+        log.info(
+            "prefork %s master (pid %d) serving %s with %d %s workers",
+            __version__,
+            os.getpid(),
+            ", ".join(describe_address(s) for s in self.servers),
+            self.target_workers,
+            worker_model(self.servers[0]),
+        )
         try:
             self._loop()
         finally:
@@ -154,8 +166,11 @@ class Arbiter:
             deadlines.append(self._stop_deadline)
         timeout = self.config.worker_timeout
         if timeout:
-            deadlines.extend(self._last_sign_of_life(w) + timeout for w in self.workers.values()
-                             if not w.stop_sent)
+            deadlines.extend(
+                self._last_sign_of_life(w) + timeout
+                for w in self.workers.values()
+                if not w.stop_sent
+            )
         if not self._route.installed:  # no SIGCHLD: a status-pipe EOF may come late
             deadlines.append(now + self._poll_interval)
         return max(0.0, min(deadlines) - now) if deadlines else None
@@ -181,11 +196,18 @@ class Arbiter:
         heartbeat = Heartbeat()
         status_r, status_w = os.pipe()
         spec = WorkerSpec(
-            nr=nr, generation=self.generation, servers=self.servers,
-            sockets=self._slot_sockets(nr), heartbeat=heartbeat, status_fd=status_w,
-            master_fd=self._master_r, poll_interval=self._poll_interval,
-            max_requests=self.config.max_requests, name=self.name, loader=self.loader,
-            inherited_fds=self._master_only_fds(status_r),
+            nr=nr,
+            generation=self.generation,
+            servers=self.servers,
+            sockets=self._slot_sockets(nr),
+            heartbeat=heartbeat,
+            status_fd=status_w,
+            master_fd=self._master_r,
+            poll_interval=self._poll_interval,
+            max_requests=self.config.max_requests,
+            name=self.name,
+            loader=self.loader,
+            inherited_fds=self._fds_not_for_worker(nr, status_r),
         )
         with signals.blocked():
             pid = os.fork()
@@ -211,16 +233,22 @@ class Arbiter:
         now = time.monotonic()
         if self._stop_deadline is not None and now >= self._stop_deadline:
             for worker in self.workers.values():
-                log.error("worker %d (pid %d) did not stop in time; killing it", worker.nr,
-                          worker.pid)
+                log.error(
+                    "worker %d (pid %d) did not stop in time; killing it", worker.nr, worker.pid
+                )
                 self._signal(worker, signal.SIGKILL)
             self._stop_deadline = None
         timeout = self.config.worker_timeout
         for worker in self.workers.values():
             if timeout and not worker.stop_sent and now - self._last_sign_of_life(worker) > timeout:
                 state = "to boot" if not worker.ready else "without a heartbeat"
-                log.error("worker %d (pid %d) took more than %gs %s; killing it", worker.nr,
-                          worker.pid, timeout, state)
+                log.error(
+                    "worker %d (pid %d) took more than %gs %s; killing it",
+                    worker.nr,
+                    worker.pid,
+                    timeout,
+                    state,
+                )
                 self._signal(worker, signal.SIGKILL)
 
     def resize(self, delta: int) -> None:
@@ -238,8 +266,7 @@ class Arbiter:
         self._stopping = signal.SIGTERM if graceful else signal.SIGQUIT
         wait = self.config.graceful_timeout if graceful else QUICK_STOP_GRACE
         self._stop_deadline = time.monotonic() + wait
-        log.info("stopping %s (%d workers)", "gracefully" if graceful else "now",
-                 len(self.workers))
+        log.info("stopping %s (%d workers)", "gracefully" if graceful else "now", len(self.workers))
         for worker in self.workers.values():
             self._signal(worker, self._stopping)
 
@@ -273,8 +300,13 @@ class Arbiter:
             return
         delay = min(self._backoff.get(worker.nr, (BACKOFF_START / 2, 0.0))[0] * 2, BACKOFF_CAP)
         self._backoff[worker.nr] = (delay, time.monotonic() + delay)
-        log.error("worker %d (pid %d) failed to boot: %s; retrying in %.1fs", worker.nr,
-                  worker.pid, cause, delay)
+        log.error(
+            "worker %d (pid %d) failed to boot: %s; retrying in %.1fs",
+            worker.nr,
+            worker.pid,
+            cause,
+            delay,
+        )
 
     def _read_status(self, worker: WorkerProcess) -> None:
         try:
@@ -320,15 +352,27 @@ class Arbiter:
         if nr not in self._own_sockets:
             self._own_sockets[nr] = [
                 listeners.open_sibling(s.socket, self.config.backlog)
-                if getattr(s, "_prefork_reuse_port", False) else None
+                if getattr(s, "_prefork_reuse_port", False)
+                else None
                 for s in self.servers
             ]
         return self._own_sockets[nr]
 
-    def _master_only_fds(self, status_r: int) -> list[int]:
-        fds = [self._wakeup.read_fd, self._wakeup.write_fd, self._master_w, status_r,
-               self._selector.fileno()]
+    def _fds_not_for_worker(self, nr: int, status_r: int) -> list[int]:
+        """What a new worker inherits but must close: the master's pipes, and the other
+        slots' reuse-port sockets (a copy kept open in the wrong worker would hold a dead
+        queue in the kernel's reuse-port group after its slot is gone)."""
+        fds = [
+            self._wakeup.read_fd,
+            self._wakeup.write_fd,
+            self._master_w,
+            status_r,
+            self._selector.fileno(),
+        ]
         fds.extend(w.status_fd for w in self.workers.values())
+        for slot, own in self._own_sockets.items():
+            if slot != nr:
+                fds.extend(sock.fileno() for sock in own if sock is not None)
         return fds
 
     def _not_yet(self, what: str) -> None:

@@ -7,7 +7,6 @@ over the environment, which wins over the defaults.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import typing
@@ -40,9 +39,8 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Add one click option per Config field (the only place options are declared)."""
     hints = typing.get_type_hints(Config)
     for f in reversed(fields(Config)):
-        command = click.option(*_declarations(f, hints[f.name]), **_option_kwargs(f, hints[f.name]))(
-            command
-        )
+        hint = hints[f.name]
+        command = click.option(*_declarations(f, hint), **_option_kwargs(f, hint))(command)
     return command
 
 
@@ -89,7 +87,7 @@ def cli() -> None:
 @click.argument("target", metavar="MODULE:OBJECT")
 @config_options
 @click.pass_context
-def run(ctx: click.Context, target: str, **options: Any) -> None:
+def run(ctx: click.Context, /, target: str, **options: Any) -> None:
     """Serve MODULE:OBJECT, a socketserver.BaseRequestHandler subclass, until stopped.
 
     Signals to the master: TERM stops gracefully, INT and QUIT stop now, TTIN and TTOU
@@ -117,8 +115,9 @@ def run(ctx: click.Context, target: str, **options: Any) -> None:
             servers.append(open_server(spec, config))
         if pidfile:
             pidfile.write(os.getpid())
-        arbiter = Arbiter(servers, config, name=config.name or str(app), loader=app.load,
-                          route=route)
+        arbiter = Arbiter(
+            servers, config, name=config.name or str(app), loader=app.load, route=route
+        )
         arbiter.run()
     except PreforkError as exc:
         raise StartupError(str(exc)) from None
@@ -134,7 +133,7 @@ def open_server(spec: listeners.BindSpec, config: Config) -> Any:
     """Bind one address with the server class its kind and the worker class call for."""
     settings = {name: getattr(config, name) for name in LIBRARY_SETTINGS}
     if spec.kind == "fd":
-        sock = listeners.inherited_socket(int(spec.address), spec.text)
+        sock = listeners.inherited_socket(spec.fd, spec.text)
         base = listeners.base_server_class(spec)
         cls = server_class(base, config.worker_class, sock.family)
         return cls.from_socket(sock, None, **settings)
@@ -145,7 +144,6 @@ def open_server(spec: listeners.BindSpec, config: Config) -> Any:
         raise listeners.bind_error(spec.text, exc) from None
 
 
-@functools.cache
 def server_class(base: type, worker_class: str, family: int) -> type[PreForkMixIn]:
     """PreForkMixIn + (ThreadingMixIn | ForkingMixIn | nothing) + the stdlib base server."""
     mixin = SERVER_MIXINS[worker_class]
@@ -180,5 +178,3 @@ def main(argv: list[str] | None = None) -> None:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
-
-

@@ -14,6 +14,7 @@ import re
 import socket
 import socketserver
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -48,6 +49,11 @@ class BindSpec:
         return socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
 
     @property
+    def fd(self) -> int:
+        assert isinstance(self.address, int), "only fd:// binds have a descriptor"
+        return self.address
+
+    @property
     def stream(self) -> bool:
         return self.kind in ("tcp", "unix")
 
@@ -62,8 +68,10 @@ def parse_bind(text: str) -> BindSpec:
             break
     else:
         if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
-            raise BindError(f"bad bind {text!r}: unknown scheme (use tcp://, udp://, unix:, "
-                            "unix-dgram: or fd://)")
+            raise BindError(
+                f"bad bind {text!r}: unknown scheme (use tcp://, udp://, unix:, "
+                "unix-dgram: or fd://)"
+            )
     if kind in ("unix", "unix-dgram"):
         if not rest:
             raise BindError(f"bad bind {text!r}: the Unix socket path is empty")
@@ -97,7 +105,7 @@ def _split_host_port(rest: str, text: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-def _check_ip(host: str, kind: type[ipaddress._BaseAddress], text: str) -> None:
+def _check_ip(host: str, kind: Callable[[str], object], text: str) -> None:
     try:
         kind(host)
     except ValueError:
@@ -107,7 +115,7 @@ def _check_ip(host: str, kind: type[ipaddress._BaseAddress], text: str) -> None:
 def base_server_class(spec: BindSpec) -> type[socketserver.BaseServer]:
     """The stdlib server class a bind is served with (its family for TCP/UDP comes later)."""
     if spec.kind == "fd":
-        with socket.socket(fileno=os.dup(int(spec.address))) as sock:
+        with socket.socket(fileno=os.dup(spec.fd)) as sock:
             return _class_for(sock.family, sock.type == socket.SOCK_STREAM)
     return _class_for(spec.family, spec.stream)
 

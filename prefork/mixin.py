@@ -18,9 +18,9 @@ the other bases say.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-import socketserver
 import threading
 from typing import Any
 
@@ -49,12 +49,18 @@ class PreForkMixIn:
     ``serve_forever``, ``shutdown``, ``server_close``, ``process_request_thread``.
     """
 
-    def __init__(self, server_address: Any, RequestHandlerClass: Any,  # noqa: N803
-                 bind_and_activate: bool = True, **settings: Any) -> None:
+    def __init__(
+        self,
+        server_address: Any,
+        RequestHandlerClass: Any,  # noqa: N803
+        bind_and_activate: bool = True,
+        **settings: Any,
+    ) -> None:
         unknown = sorted(settings.keys() - set(LIBRARY_SETTINGS))
         if unknown:
-            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument "
-                            f"{unknown[0]!r}")
+            raise TypeError(
+                f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}"
+            )
         vars(self).update(settings)
         self.prefork_config = Config(**{name: getattr(self, name) for name in LIBRARY_SETTINGS})
         self.request_queue_size = self.prefork_config.backlog
@@ -68,11 +74,16 @@ class PreForkMixIn:
         super().__init__(server_address, RequestHandlerClass, bind_and_activate)  # type: ignore[call-arg]
 
     @classmethod
-    def from_socket(cls, sock: socket.socket, RequestHandlerClass: Any,  # noqa: N803
-                    **settings: Any) -> Any:
+    def from_socket(
+        cls,
+        sock: socket.socket,
+        RequestHandlerClass: Any,  # noqa: N803
+        **settings: Any,
+    ) -> Any:
         """A server on an already-bound socket (``fd://N``, systemd, a test's own socket)."""
-        server: Any = cls(sock.getsockname(), RequestHandlerClass, bind_and_activate=False,
-                          **settings)
+        server: Any = cls(
+            sock.getsockname(), RequestHandlerClass, bind_and_activate=False, **settings
+        )
         server.socket.close()
         server.socket = sock
         server.server_address = sock.getsockname()
@@ -83,7 +94,7 @@ class PreForkMixIn:
     # -- binding, in the master ------------------------------------------------------------
     def server_bind(self) -> None:
         sock: socket.socket = self.socket  # type: ignore[attr-defined]
-        address: Any = self.server_address  # type: ignore[has-type]
+        address: Any = self.server_address  # type: ignore[attr-defined]
         if sock.family == socket.AF_UNIX and isinstance(address, str):
             listeners.remove_stale_unix_socket(address, sock.type)
         elif sock.type == socket.SOCK_STREAM:  # restart without waiting out TIME_WAIT
@@ -98,8 +109,11 @@ class PreForkMixIn:
     def server_activate(self) -> None:
         super().server_activate()  # type: ignore[misc]
         sock: socket.socket = self.socket  # type: ignore[attr-defined]
-        if (self.prefork_config.tcp_nodelay and sock.type == socket.SOCK_STREAM
-                and sock.family in (socket.AF_INET, socket.AF_INET6)):
+        if (
+            self.prefork_config.tcp_nodelay
+            and sock.type == socket.SOCK_STREAM
+            and sock.family in (socket.AF_INET, socket.AF_INET6)
+        ):
             # Accepted sockets inherit it on Linux: no per-connection syscall.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -141,10 +155,8 @@ class PreForkMixIn:
     def server_close(self) -> None:
         super().server_close()  # type: ignore[misc]
         if self._prefork_unlink and self._prefork_unlink[0] == os.getpid():
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._prefork_unlink[1])
-            except FileNotFoundError:
-                pass
             self._prefork_unlink = None
 
     # -- in the workers -----------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""The ready-made server classes: PreFork{,Threading,Forking}{TCP,UDP,UnixStream,UnixDatagram}Server."""
+"""The twelve ready-made server classes.
+
+PreFork{,Threading,Forking}{TCP,UDP,UnixStream,UnixDatagram}Server: the mix-in in
+front of the stdlib's own classes, in the order the stdlib composes its mix-ins.
+"""
 
 from __future__ import annotations
 
@@ -23,23 +27,23 @@ class PreForkUnixDatagramServer(PreForkMixIn, socketserver.UnixDatagramServer):
     pass
 
 
-class PreForkThreadingTCPServer(PreForkMixIn, socketserver.ThreadingMixIn,
-                                socketserver.TCPServer):
+class PreForkThreadingTCPServer(PreForkMixIn, socketserver.ThreadingMixIn, socketserver.TCPServer):
     pass
 
 
-class PreForkThreadingUDPServer(PreForkMixIn, socketserver.ThreadingMixIn,
-                                socketserver.UDPServer):
+class PreForkThreadingUDPServer(PreForkMixIn, socketserver.ThreadingMixIn, socketserver.UDPServer):
     pass
 
 
-class PreForkThreadingUnixStreamServer(PreForkMixIn, socketserver.ThreadingMixIn,
-                                       socketserver.UnixStreamServer):
+class PreForkThreadingUnixStreamServer(
+    PreForkMixIn, socketserver.ThreadingMixIn, socketserver.UnixStreamServer
+):
     pass
 
 
-class PreForkThreadingUnixDatagramServer(PreForkMixIn, socketserver.ThreadingMixIn,
-                                         socketserver.UnixDatagramServer):
+class PreForkThreadingUnixDatagramServer(
+    PreForkMixIn, socketserver.ThreadingMixIn, socketserver.UnixDatagramServer
+):
     pass
 
 
@@ -51,11 +55,13 @@ class PreForkForkingUDPServer(PreForkMixIn, socketserver.ForkingMixIn, socketser
     pass
 
 
-class PreForkForkingUnixStreamServer(PreForkMixIn, socketserver.ForkingMixIn,
-                                     socketserver.UnixStreamServer):
+class PreForkForkingUnixStreamServer(
+    PreForkMixIn, socketserver.ForkingMixIn, socketserver.UnixStreamServer
+):
     pass
 
 
-class PreForkForkingUnixDatagramServer(PreForkMixIn, socketserver.ForkingMixIn,
-                                       socketserver.UnixDatagramServer):
+class PreForkForkingUnixDatagramServer(
+    PreForkMixIn, socketserver.ForkingMixIn, socketserver.UnixDatagramServer
+):
     pass

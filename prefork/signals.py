@@ -18,8 +18,15 @@ from typing import Any
 
 # What the master listens to. SIGCHLD only wakes the loop; reaping happens there.
 MASTER_SIGNALS = (
-    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
-    signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD,
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGCHLD,
 )
 # Blocked around fork() so a signal can never reach a child that still runs the
 # master's handlers (it would be recorded in a copy of the master's queue and lost).

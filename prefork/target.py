@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 
 from .errors import AppImportError
+from .process import set_title
 
 log = logging.getLogger("prefork.target")
 
@@ -65,6 +66,7 @@ class Target:
         if pid == 0:  # the child: import, report one line, vanish without cleanup
             code = 1
             try:
+                set_title(f"prefork: import check [{self}]")
                 os.close(read_fd)
                 try:
                     self.load()

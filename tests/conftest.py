@@ -28,16 +28,24 @@ ROOT = Path(__file__).resolve().parent.parent
 _PR_SET_CHILD_SUBREAPER = 36
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01,
-               message: str = "condition") -> Any:
-    """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds."""
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 5.0,
+    interval: float = 0.01,
+    message: str | Callable[[], str] = "condition",
+) -> Any:
+    """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds.
+
+    ``message`` may be a callable, evaluated only on failure (to show a fresh log).
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+            what = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
 
 
@@ -122,14 +130,25 @@ def can_connect(address: Any) -> bool:
 class CliServer:
     """``python -m prefork run ...`` as a user would start it, with its log in a file."""
 
-    def __init__(self, args: list[str], cwd: Path, log_path: Path, pass_fds: tuple[int, ...],
-                 env: dict[str, str] | None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        cwd: Path,
+        log_path: Path,
+        pass_fds: tuple[int, ...],
+        env: dict[str, str] | None,
+    ) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         full_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{cwd}", **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "prefork", "run", *args], cwd=cwd, stdout=self._log,
-            stderr=subprocess.STDOUT, pass_fds=pass_fds, env=full_env, start_new_session=True,
+            [sys.executable, "-m", "prefork", "run", *args],
+            cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            pass_fds=pass_fds,
+            env=full_env,
+            start_new_session=True,
         )
         self.pid = self.proc.pid
         self._known_workers: set[int] = set()
@@ -157,8 +176,11 @@ class CliServer:
         return sorted(pids)
 
     def wait_ready(self, workers: int, timeout: float = 10.0) -> list[int]:
-        return wait_until(lambda: len(self.booted()) == workers and self.booted(), timeout,
-                          message=f"{workers} workers to boot; log:\n{self.log}")
+        return wait_until(
+            lambda: len(self.booted()) == workers and self.booted(),
+            timeout,
+            message=lambda: f"{workers} workers to boot; log:\n{self.log}",
+        )
 
     def signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
@@ -184,13 +206,20 @@ class CliServer:
 
 
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., CliServer]]:
+def serve(app_dir: Path) -> Iterator[Callable[..., CliServer]]:
+    """Start ``prefork run`` in ``app_dir`` (where apps.py is); stop it at teardown."""
+    tmp_path = app_dir
     started: list[CliServer] = []
 
-    def start(*args: str, cwd: Path | None = None, pass_fds: tuple[int, ...] = (),
-              env: dict[str, str] | None = None) -> CliServer:
-        server = CliServer(list(args), cwd or tmp_path, tmp_path / f"server{len(started)}.log",
-                           pass_fds, env)
+    def start(
+        *args: str,
+        cwd: Path | None = None,
+        pass_fds: tuple[int, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> CliServer:
+        server = CliServer(
+            list(args), cwd or tmp_path, tmp_path / f"server{len(started)}.log", pass_fds, env
+        )
         started.append(server)
         return server
 
@@ -199,12 +228,19 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., CliServer]]:
         server.stop()
 
 
-def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
-            timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 20.0
+) -> subprocess.CompletedProcess[str]:
     """Run ``prefork`` to completion (for commands that fail before serving)."""
     full_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{cwd}", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "prefork", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "prefork", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture

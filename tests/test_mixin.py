@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import echo_line, is_running, living_descendants, wait_until
 
 import prefork
-from conftest import echo_line, is_running, living_descendants, wait_until
 
 # serve_forever runs in a thread here; on Python 3.12+ fork() then warns about threads.
 pytestmark = pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork:DeprecationWarning")
@@ -63,8 +63,11 @@ def serving(server: Any, poll_interval: float = 0.1) -> Iterator[Any]:
 def workers_of(pid: int = 0) -> list[int]:
     import psutil
 
-    return sorted(p.pid for p in psutil.Process(pid or os.getpid()).children()
-                  if p.status() != psutil.STATUS_ZOMBIE and "worker" in " ".join(p.cmdline()))
+    return sorted(
+        p.pid
+        for p in psutil.Process(pid or os.getpid()).children()
+        if p.status() != psutil.STATUS_ZOMBIE and "worker" in " ".join(p.cmdline())
+    )
 
 
 def datagram_round_trip(server: Any, tmp_path: Path, payload: bytes = b"ping") -> bytes:
@@ -87,8 +90,9 @@ READY_CLASSES = [
 
 
 @pytest.mark.parametrize(("class_name", "kind"), READY_CLASSES)
-def test_ready_class_round_trip_and_shutdown_leaves_no_child(class_name: str, kind: str,
-                                                             tmp_path: Path) -> None:
+def test_ready_class_round_trip_and_shutdown_leaves_no_child(
+    class_name: str, kind: str, tmp_path: Path
+) -> None:
     cls = getattr(prefork, class_name)
     address: Any = str(tmp_path / "s.sock") if kind.startswith("Unix") else ("127.0.0.1", 0)
     handler = Echo if kind in ("TCP", "UnixStream") else DatagramEcho
@@ -154,7 +158,7 @@ def test_verify_request_false_closes_the_connection() -> None:
         def verify_request(self, request: Any, client_address: Any) -> bool:
             return False
 
-    with serving(Server(("127.0.0.1", 0), Echo, workers=1)) as server:
+    with serving(Server(("127.0.0.1", 0), Echo, workers=1)) as server:  # noqa: SIM117
         with socket.create_connection(server.server_address, timeout=5) as conn:
             assert conn.recv(10) == b""  # closed without being served
 
@@ -206,8 +210,13 @@ def test_hooks_run_in_workers_and_bind_hooks_once_in_master(tmp_path: Path) -> N
     lines = calls.read_text().splitlines()
     assert lines.count(f"server_bind {master}") == 1
     assert lines.count(f"server_activate {master}") == 1
-    for hook in ("process_request", "finish_request", "shutdown_request", "service_actions",
-                 "handle_timeout"):
+    for hook in (
+        "process_request",
+        "finish_request",
+        "shutdown_request",
+        "service_actions",
+        "handle_timeout",
+    ):
         assert f"{hook} {worker}" in lines, hook
         assert f"{hook} {master}" not in lines, f"{hook} ran in the master"
 
@@ -262,7 +271,7 @@ def test_two_servers_reap_only_their_own_workers() -> None:
     host_child = subprocess.Popen(["sh", "-c", "read _; exit 7"], stdin=subprocess.PIPE)
     a = prefork.PreForkTCPServer(("127.0.0.1", 0), Pid, workers=2)
     b = prefork.PreForkTCPServer(("127.0.0.1", 0), Pid, workers=2)
-    with serving(a), serving(b):
+    with serving(a), serving(b):  # noqa: SIM117 - one server inside the other's lifetime
         wait_until(lambda: len(workers_of()) == 4)
         a_pids = {int(echo_line(a.server_address)) for _ in range(8)}
         victim = next(iter(a_pids))
@@ -277,6 +286,7 @@ def test_two_servers_reap_only_their_own_workers() -> None:
 def test_serve_forever_in_main_thread_stops_on_sigterm_and_restores_handlers() -> None:
     previous = signal.getsignal(signal.SIGTERM)
     with prefork.PreForkTCPServer(("127.0.0.1", 0), Echo, workers=1) as server:
+
         def term_when_served() -> None:
             wait_until(lambda: len(workers_of()) == 1, message="the pool to fork")
             echo_line(server.server_address)

@@ -41,5 +41,14 @@ def make_worker(spec: WorkerSpec, threads: int) -> Worker:
     return WORKER_CLASSES[model](spec)
 
 
-__all__ = ["SERVER_MIXINS", "ForkWorker", "SyncWorker", "ThreadWorker", "Worker", "WorkerSpec",
-           "WORKER_CLASSES", "make_worker", "worker_model"]
+__all__ = [
+    "SERVER_MIXINS",
+    "ForkWorker",
+    "SyncWorker",
+    "ThreadWorker",
+    "Worker",
+    "WorkerSpec",
+    "WORKER_CLASSES",
+    "make_worker",
+    "worker_model",
+]

@@ -13,6 +13,7 @@ now. The master's death (EOF on its pipe) also means exit now.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
@@ -94,20 +95,16 @@ class Worker:
                 code = 1
         finally:
             for stream in (sys.stdout, sys.stderr):
-                try:
+                with contextlib.suppress(Exception):  # a closed stream must not block the exit
                     stream.flush()
-                except Exception:  # noqa: S110 - a closed stream must not block the exit
-                    pass
             os._exit(code)
 
     def boot(self) -> None:
         """Set up signals, sockets and the app; then tell the master we are ready."""
         spec = self.spec
         for fd in spec.inherited_fds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         for signum in _STOP_SIGNALS:
             signal.signal(signum, self.wakeup.handler)
         for signum in _IGNORED:
@@ -119,9 +116,10 @@ class Worker:
             handler_class = spec.loader()
             for server in self.servers:
                 server.RequestHandlerClass = handler_class
-        for server, own in zip(self.servers, spec.sockets):
-            if own is not None:
-                server.socket = own  # this worker's SO_REUSEPORT sibling
+        for server, own in zip(self.servers, spec.sockets, strict=True):
+            if own is not None:  # this worker's SO_REUSEPORT sibling replaces the shared one
+                server.socket.close()
+                server.socket = own
             if server.timeout is not None:
                 self._timed[server] = time.monotonic()
         self.selector.register(self.wakeup.read_fd, selectors.EVENT_READ, self._on_wakeup)
@@ -131,10 +129,8 @@ class Worker:
 
     def _report_boot_error(self, exc: Exception, code: int) -> int:
         message = str(exc) if isinstance(exc, AppImportError) else f"{type(exc).__name__}: {exc}"
-        try:
+        with contextlib.suppress(OSError):
             os.write(self.spec.status_fd, BOOT_ERROR + " ".join(message.split()).encode()[:4000])
-        except OSError:
-            pass
         return code
 
     # -- the loop ------------------------------------------------------------------------
@@ -173,8 +169,12 @@ class Worker:
         else:
             server.shutdown_request(request)
         if self.requests == self.spec.max_requests:
-            log.info("worker %d (pid %d) served %d requests; retiring",
-                     self.spec.nr, os.getpid(), self.requests)
+            log.info(
+                "worker %d (pid %d) served %d requests; retiring",
+                self.spec.nr,
+                os.getpid(),
+                self.requests,
+            )
             self.stop_accepting()
         elif not self.has_capacity():
             self.pause_accepting()
@@ -201,8 +201,9 @@ class Worker:
     def resume_accepting(self) -> None:
         if not self._accepting:
             for server in self.servers:
-                self.selector.register(server.socket, selectors.EVENT_READ,
-                                       partial(self.serve_one, server))
+                self.selector.register(
+                    server.socket, selectors.EVENT_READ, partial(self.serve_one, server)
+                )
             self._accepting = True
 
     def stop_accepting(self) -> None:

@@ -8,6 +8,7 @@ worker never leaves connection children behind.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -16,6 +17,7 @@ import sys
 from typing import NoReturn
 
 from ..errors import EXIT_OK
+from ..process import set_title
 from .base import Worker
 
 _PR_SET_PDEATHSIG = 1
@@ -38,20 +40,17 @@ class ForkWorker(Worker):
     def quit_now(self) -> NoReturn:
         for server in self.servers:
             for pid in server.active_children or ():
-                try:
+                with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
         os._exit(EXIT_OK)
 
     def _in_connection_child(self) -> None:
+        set_title(f"prefork: connection child [{self.spec.name}]")  # not a worker: no such word
         for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
         for fd in (self.spec.status_fd, self.wakeup.read_fd, self.wakeup.write_fd):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         _die_with_parent()
 
 

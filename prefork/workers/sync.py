@@ -16,8 +16,9 @@ class SyncWorker(Worker):
 
     def boot(self) -> None:
         super().boot()
-        threading.Thread(target=self._exit_when_master_dies, name="prefork-master-watch",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._exit_when_master_dies, name="prefork-master-watch", daemon=True
+        ).start()
 
     def _exit_when_master_dies(self) -> None:
         try:

@@ -1,0 +1,136 @@
+"""Bad input: one 'Error:' line on stderr, exit 2, no traceback, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+import prefork
+
+
+def assert_one_line_error(result: object, *fragments: str) -> None:
+    stderr = result.stderr  # type: ignore[attr-defined]
+    lines = stderr.strip().splitlines()
+    assert result.returncode == 2, stderr  # type: ignore[attr-defined]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("Error: "), stderr
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["nosuchmodule:Handler"], ["cannot import 'nosuchmodule'", "No module named"]),
+        (["apps:Missing"], ["module 'apps' has no object 'Missing'"]),
+        (["apps:not_a_class"], ["apps:not_a_class is not a request handler class"]),
+        (["os:path"], ["os:path is not a request handler class"]),
+        (["apps"], ["expected MODULE:OBJECT"]),
+        (["apps:Echo", "-w", "0"], ["workers must be at least 1, got 0"]),
+        (["apps:Echo", "-w", "lots"], ["'lots' is not a valid integer"]),
+        (["apps:Echo", "-k", "gevent"], ["'gevent' is not one of"]),
+        (["apps:Echo", "--graceful-timeout", "-1"], ["graceful_timeout must be at least 0"]),
+        (["apps:Echo", "-b", "127.0.0.1:notaport"], ["'127.0.0.1:notaport'", "port must be"]),
+        (["apps:Echo", "-b", "127.0.0.1:70000"], ["'127.0.0.1:70000'", "port must be"]),
+        (["apps:Echo", "-b", "999.1.1.1:80"], ["'999.1.1.1' is not a valid IP address"]),
+        (["apps:Echo", "-b", "http://127.0.0.1:80"], ["unknown scheme"]),
+        (
+            ["apps:Echo", "-b", "unix:/no/such/dir/app.sock"],
+            ["unix:/no/such/dir/app.sock", "no such directory"],
+        ),
+        (["apps:Echo", "-b", "fd://999"], ["fd://999", "not an open descriptor"]),
+        (["apps:Echo", "--chdir", "/no/such/dir"], ["cannot change to directory /no/such/dir"]),
+        (
+            ["apps:Echo", "--pid", "/no/such/dir/app.pid", "-b", "127.0.0.1:0"],
+            ["cannot write pid file /no/such/dir/app.pid"],
+        ),
+    ],
+)
+def test_bad_input_is_one_line(app_dir: Path, args: list[str], fragments: list[str]) -> None:
+    result = run_cli("run", *args, cwd=app_dir)
+    assert_one_line_error(result, *fragments)
+
+
+def test_unimportable_module_names_the_exception(app_dir: Path) -> None:
+    (app_dir / "broken.py").write_text("def f(:\n")
+    (app_dir / "raises.py").write_text("raise RuntimeError('no database')\n")
+    assert_one_line_error(run_cli("run", "broken:H", cwd=app_dir), "SyntaxError", "broken.py")
+    assert_one_line_error(run_cli("run", "raises:H", cwd=app_dir), "RuntimeError: no database")
+
+
+def test_address_in_use_names_the_address(app_dir: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_cli(
+            "run", "apps:Echo", "-b", f"127.0.0.1:{port}", "--pid", "app.pid", cwd=app_dir
+        )
+    assert_one_line_error(result, f"cannot bind 127.0.0.1:{port}: address already in use")
+    assert not (app_dir / "app.pid").exists()
+
+
+def test_second_bind_failing_releases_the_first(app_dir: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_cli(
+            "run", "apps:Echo", "-b", "unix:app.sock", "-b", f"127.0.0.1:{port}", cwd=app_dir
+        )
+    assert_one_line_error(result, "address already in use")
+    assert not (app_dir / "app.sock").exists()
+
+
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="needs setpriv to drop a capability")
+def test_permission_denied(app_dir: Path) -> None:
+    # Ports below 1024 need CAP_NET_BIND_SERVICE; as root, drop it from the bounding set.
+    prefix = ["setpriv", "--bounding-set=-net_bind_service"] if os.geteuid() == 0 else []
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    result = subprocess.run(
+        [*prefix, sys.executable, "-m", "prefork", "run", "apps:Echo", "-b", "127.0.0.1:80"],
+        cwd=app_dir,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{app_dir}"},
+    )
+    assert_one_line_error(result, "cannot bind 127.0.0.1:80: permission denied")
+
+
+def test_live_unix_socket_is_refused_as_in_use(app_dir: Path) -> None:
+    path = app_dir / "live.sock"
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(path))
+        live.listen()
+        result = run_cli("run", "apps:Echo", "-b", f"unix:{path}", cwd=app_dir)
+        assert_one_line_error(result, f"cannot bind unix:{path}: address already in use")
+    assert path.exists()  # someone else's socket: not ours to remove
+
+
+def test_env_var_errors_name_the_variable(app_dir: Path) -> None:
+    result = run_cli("run", "apps:Echo", cwd=app_dir, env={"PREFORK_WORKERS": "many"})
+    assert_one_line_error(result, "PREFORK_WORKERS", "'many' is not a valid integer")
+
+
+def test_version_and_help(app_dir: Path) -> None:
+    version = run_cli("--version", cwd=app_dir)
+    assert version.returncode == 0
+    assert prefork.__version__ in version.stdout
+    help_text = run_cli("run", "--help", cwd=app_dir).stdout
+    for option, default in [
+        ("--workers", "CPU count"),
+        ("--backlog", "2048"),
+        ("--graceful-timeout", "30.0"),
+        ("--bind", "127.0.0.1:8000"),
+        ("--worker-class", "sync"),
+        ("--threads", "16"),
+    ]:
+        assert option in help_text
+        assert default in help_text

@@ -1,0 +1,168 @@
+"""What ``prefork run`` serves, and how the pool keeps itself whole: real sockets."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import urllib.request
+from pathlib import Path
+
+import psutil
+from conftest import echo_line, wait_until
+
+
+def logged_port(server) -> int:
+    match = wait_until(
+        lambda: re.search(r"serving 127\.0\.0\.1:(\d+)", server.log),
+        message=lambda: f"the serving line; log:\n{server.log}",
+    )
+    return int(match.group(1))
+
+
+def listening_sockets(port: int) -> int:
+    """How many TCP sockets listen on 127.0.0.1:port (one line each in /proc/net/tcp)."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as table:
+        return sum(1 for row in table if row.split()[1] == want and row.split()[3] == "0A")
+
+
+def test_stdlib_simple_http_handler_serves_files(serve, listener, app_dir: Path):
+    site = app_dir / "site"
+    site.mkdir()
+    (site / "hello.txt").write_text("hello from prefork\n")
+    server = serve(
+        "http.server:SimpleHTTPRequestHandler",
+        "-w",
+        "2",
+        "--chdir",
+        str(site),
+        "-b",
+        f"fd://{listener.fileno()}",
+        pass_fds=(listener.fileno(),),
+    )
+    server.wait_ready(2)
+    host, port = listener.getsockname()
+    with urllib.request.urlopen(f"http://{host}:{port}/hello.txt", timeout=5) as response:
+        assert response.status == 200
+        assert response.read() == b"hello from prefork\n"
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+
+
+def test_udp_and_unix_datagram_binds(serve, app_dir: Path):
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.set_inheritable(True)
+    dgram_path = app_dir / "dgram.sock"
+    server = serve(
+        "apps:DatagramEcho",
+        "-w",
+        "2",
+        "-b",
+        f"fd://{udp.fileno()}",
+        "-b",
+        f"unix-dgram:{dgram_path}",
+        pass_fds=(udp.fileno(),),
+    )
+    server.wait_ready(2)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(5)
+        for n in range(5):
+            client.sendto(b"udp %d" % n, udp.getsockname())
+            assert client.recv(100) == b"udp %d" % n
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
+        client.bind(str(app_dir / "client.sock"))
+        client.settimeout(5)
+        client.sendto(b"unix", str(dgram_path))
+        assert client.recv(100) == b"unix"
+    udp.close()
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    assert not dgram_path.exists()
+
+
+def test_stale_unix_socket_file_is_replaced(serve, app_dir: Path):
+    path = app_dir / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(path))  # left behind without a listener, as after a crash
+    assert path.exists()
+    server = serve("apps:Echo", "-w", "1", "-b", f"unix:{path}")
+    server.wait_ready(1)
+    assert echo_line(str(path), b"fresh") == b"fresh"
+
+
+def test_max_requests_replaces_the_worker(serve, listener):
+    server = serve(
+        "apps:Pid",
+        "-w",
+        "1",
+        "--max-requests",
+        "3",
+        "-b",
+        f"fd://{listener.fileno()}",
+        pass_fds=(listener.fileno(),),
+    )
+    first = server.wait_ready(1)[0]
+    answers = [int(echo_line(listener.getsockname())) for _ in range(3)]
+    assert answers == [first] * 3
+    wait_until(lambda: (b := server.booted()) and b[0] != first, message="a fresh worker")
+    assert int(echo_line(listener.getsockname())) != first
+    assert "served 3 requests; retiring" in server.log
+
+
+def test_stuck_worker_is_killed_after_the_timeout(serve, listener):
+    server = serve(
+        "apps:Slow",
+        "-w",
+        "1",
+        "--timeout",
+        "1",
+        "-b",
+        f"fd://{listener.fileno()}",
+        pass_fds=(listener.fileno(),),
+    )
+    stuck = server.wait_ready(1)[0]
+    with socket.create_connection(listener.getsockname(), timeout=10) as conn:
+        conn.sendall(b"60\n")
+        assert conn.recv(8) == b"started\n"
+        wait_until(
+            lambda: (b := server.booted()) and b[0] != stuck,
+            timeout=5,
+            message=lambda: f"a replacement; log:\n{server.log}",
+        )
+        assert conn.recv(8) == b""  # the stuck request's connection died with its worker
+    assert "without a heartbeat; killing it" in server.log
+
+
+def test_reuse_port_gives_each_worker_its_own_socket(serve):
+    server = serve("apps:Pid", "-w", "3", "--reuse-port", "-b", "127.0.0.1:0")
+    workers = server.wait_ready(3)
+    port = logged_port(server)
+    assert listening_sockets(port) == 3
+    # Each worker holds exactly one listening socket of its own (no shared queue).
+    for pid in workers:
+        own = [
+            c
+            for c in psutil.Process(pid).net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        ]
+        assert len(own) == 1
+    seen = {int(echo_line(("127.0.0.1", port))) for _ in range(60)}
+    assert seen == set(workers)  # the kernel spreads connections over all three
+    # A removed slot's socket leaves the group: nothing is hashed to a dead queue.
+    server.signal(signal.SIGTTOU)
+    wait_until(
+        lambda: len(server.worker_pids()) == 2 and listening_sockets(port) == 2,
+        message="slot 3 and its socket to go",
+    )
+    answers = [echo_line(("127.0.0.1", port), timeout=2) for _ in range(60)]
+    assert all(answers)
+
+
+def test_several_binds_share_one_pool(serve, app_dir: Path):
+    a, b = app_dir / "a.sock", app_dir / "b.sock"
+    server = serve("apps:Pid", "-w", "2", "-b", f"unix:{a}", "-b", f"unix:{b}")
+    workers = set(server.wait_ready(2))
+    served = {int(echo_line(str(path))) for path in (a, b) for _ in range(10)}
+    assert served <= workers
