@@ -178,3 +178,25 @@ def env_var(f: Any) -> str:
 
 
 LIBRARY_SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(Config) if f.metadata["library"])
+
+
+def settings_table() -> str:
+    """Every setting as a Markdown table (docs/cli.md embeds it; a test keeps it current)."""
+    rows = ["| option | environment | default | library | meaning |", "|---|---|---|---|---|"]
+    for f in fields(Config):
+        short = f"`{f.metadata['short']}`, " if f.metadata["short"] else ""
+        default = f.metadata["default_text"] or _describe_default(f.default)
+        library = f"`{f.name}=`" if f.metadata["library"] else "—"
+        rows.append(
+            f"| {short}`--{flag_name(f)}` | `{env_var(f)}` | {default} | {library} | "
+            f"{f.metadata['help']} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def _describe_default(default: Any) -> str:
+    if isinstance(default, tuple):
+        return ", ".join(f"`{d}`" for d in default)
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return "none" if default is None else f"`{default}`"

@@ -89,6 +89,7 @@ class PreForkMixIn:
         server.server_address = sock.getsockname()
         if sock.type == socket.SOCK_STREAM:
             sock.listen(server.request_queue_size)
+        server._prefork_tune_listener()
         return server
 
     # -- binding, in the master ------------------------------------------------------------
@@ -108,14 +109,15 @@ class PreForkMixIn:
 
     def server_activate(self) -> None:
         super().server_activate()  # type: ignore[misc]
+        self._prefork_tune_listener()
+
+    def _prefork_tune_listener(self) -> None:
+        """Options set on the listening socket, whether we bound it or adopted it."""
         sock: socket.socket = self.socket  # type: ignore[attr-defined]
-        if (
-            self.prefork_config.tcp_nodelay
-            and sock.type == socket.SOCK_STREAM
-            and sock.family in (socket.AF_INET, socket.AF_INET6)
-        ):
-            # Accepted sockets inherit it on Linux: no per-connection syscall.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Accepted sockets inherit TCP_NODELAY on Linux: no per-connection syscall.
+            nodelay = int(self.prefork_config.tcp_nodelay)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, nodelay)
 
     # -- the master's life ------------------------------------------------------------------
     def serve_forever(self, poll_interval: float = 0.5) -> None:

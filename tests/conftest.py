@@ -96,6 +96,17 @@ def no_stray_processes() -> Iterator[None]:
         pytest.fail(f"test left processes running: {described}")
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the whole run if any process started by the tests is still alive."""
+    strays = living_descendants()
+    if strays:
+        for proc in strays:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        print(f"\nprocesses left running by the tests: {[p.pid for p in strays]}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 # -- sockets the test owns --------------------------------------------------------------
 @pytest.fixture
 def listener() -> Iterator[socket.socket]:
@@ -271,6 +282,19 @@ class Slow(socketserver.StreamRequestHandler):
         self.wfile.write(b"started\\n"); self.wfile.flush()
         time.sleep(seconds)
         self.wfile.write(b"done\\n")
+
+class HoldPid(socketserver.StreamRequestHandler):
+    """Sends the worker's pid at once, then holds the connection until the client closes."""
+    def handle(self):
+        self.wfile.write(b"%d\\n" % os.getpid()); self.wfile.flush()
+        self.rfile.read()
+
+class NoDelay(socketserver.BaseRequestHandler):
+    """Reports whether TCP_NODELAY is set on the accepted connection."""
+    def handle(self):
+        import socket
+        self.request.sendall(b"%d\\n" % bool(
+            self.request.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
 
 class DatagramEcho(socketserver.DatagramRequestHandler):
     def handle(self):

@@ -134,3 +134,13 @@ def test_version_and_help(app_dir: Path) -> None:
     ]:
         assert option in help_text
         assert default in help_text
+
+
+def test_console_script_is_installed(app_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "prefork"
+    assert script.exists(), "pip install should put a 'prefork' script beside python"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0 and prefork.__version__ in result.stdout

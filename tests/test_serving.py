@@ -166,3 +166,84 @@ def test_several_binds_share_one_pool(serve, app_dir: Path):
     workers = set(server.wait_ready(2))
     served = {int(echo_line(str(path))) for path in (a, b) for _ in range(10)}
     assert served <= workers
+
+
+def hold(address: tuple[str, int]) -> tuple[socket.socket, int]:
+    """Open a connection to apps:HoldPid; return it and the pid of the worker holding it."""
+    conn = socket.create_connection(address, timeout=5)
+    return conn, int(conn.makefile("rb").readline())
+
+
+def test_thread_worker_at_its_thread_cap_leaves_connections_to_idle_workers(serve, listener):
+    server = serve(
+        "apps:HoldPid",
+        "-w",
+        "2",
+        "-k",
+        "thread",
+        "--threads",
+        "1",
+        "-b",
+        f"fd://{listener.fileno()}",
+        pass_fds=(listener.fileno(),),
+    )
+    server.wait_ready(2)
+    first, first_pid = hold(listener.getsockname())
+    second, second_pid = hold(listener.getsockname())
+    with first, second:
+        assert first_pid != second_pid  # the busy worker stopped accepting
+
+
+def test_thread_worker_serves_up_to_threads_connections_at_once(serve, listener):
+    server = serve(
+        "apps:HoldPid",
+        "-w",
+        "1",
+        "-k",
+        "thread",
+        "--threads",
+        "3",
+        "-b",
+        f"fd://{listener.fileno()}",
+        pass_fds=(listener.fileno(),),
+    )
+    (worker,) = server.wait_ready(1)
+    held = [hold(listener.getsockname()) for _ in range(3)]
+    try:
+        assert [pid for _, pid in held] == [worker] * 3  # three at once, one worker
+        with socket.create_connection(listener.getsockname(), timeout=5) as fourth:
+            fourth.settimeout(0.3)
+            try:
+                early = fourth.recv(16)
+            except TimeoutError:
+                early = b""
+            assert early == b""  # at the cap: the fourth waits in the backlog
+            held.pop()[0].close()
+            fourth.settimeout(5)
+            assert int(fourth.makefile("rb").readline()) == worker  # served once one ends
+    finally:
+        for conn, _ in held:
+            conn.close()
+
+
+def test_accepted_tcp_connections_have_nodelay_unless_turned_off(serve, listener):
+    on = serve(
+        "apps:NoDelay", "-w", "1", "-b", f"fd://{listener.fileno()}", pass_fds=(listener.fileno(),)
+    )
+    on.wait_ready(1)
+    assert echo_line(listener.getsockname()) == b"1"
+    on.signal(signal.SIGTERM)
+    assert on.wait_exit() == 0
+    with socket.create_server(("127.0.0.1", 0)) as plain:
+        plain.set_inheritable(True)
+        off = serve(
+            "apps:NoDelay",
+            "-w",
+            "1",
+            "--no-tcp-nodelay",
+            "-b",
+            f"fd://{plain.fileno()}",
+            pass_fds=(plain.fileno(),),
+        )
+        off.wait_ready(1)
+        assert echo_line(plain.getsockname()) == b"0"

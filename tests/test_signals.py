@@ -186,7 +186,7 @@ def test_workers_exit_when_the_master_is_killed(serve, listener, worker_class: s
         server.signal(signal.SIGKILL)
         wait_until(
             lambda: not any(is_running(p.pid) for p in family),
-            timeout=3.0,
+            timeout=1.0,
             message="every worker (and connection child) to exit",
         )
     server.wait_exit()

@@ -1,0 +1,1 @@
+"""Benchmarks: measured on loopback only, every load loop bounded in count and time."""
