@@ -224,10 +224,15 @@ def serve(app_dir: Path) -> Iterator[Callable[..., CliServer]]:
 
     def start(
         *args: str,
+        listen_on: socket.socket | None = None,
         cwd: Path | None = None,
         pass_fds: tuple[int, ...] = (),
         env: dict[str, str] | None = None,
     ) -> CliServer:
+        """``listen_on``: a socket the test owns, served as ``--bind fd://N``."""
+        if listen_on is not None:
+            args = (*args, "-b", f"fd://{listen_on.fileno()}")
+            pass_fds = (*pass_fds, listen_on.fileno())
         server = CliServer(
             list(args), cwd or tmp_path, tmp_path / f"server{len(started)}.log", pass_fds, env
         )

@@ -32,14 +32,7 @@ def test_stdlib_simple_http_handler_serves_files(serve, listener, app_dir: Path)
     site.mkdir()
     (site / "hello.txt").write_text("hello from prefork\n")
     server = serve(
-        "http.server:SimpleHTTPRequestHandler",
-        "-w",
-        "2",
-        "--chdir",
-        str(site),
-        "-b",
-        f"fd://{listener.fileno()}",
-        pass_fds=(listener.fileno(),),
+        "http.server:SimpleHTTPRequestHandler", "-w", "2", "--chdir", str(site), listen_on=listener
     )
     server.wait_ready(2)
     host, port = listener.getsockname()
@@ -55,16 +48,7 @@ def test_udp_and_unix_datagram_binds(serve, app_dir: Path):
     udp.bind(("127.0.0.1", 0))
     udp.set_inheritable(True)
     dgram_path = app_dir / "dgram.sock"
-    server = serve(
-        "apps:DatagramEcho",
-        "-w",
-        "2",
-        "-b",
-        f"fd://{udp.fileno()}",
-        "-b",
-        f"unix-dgram:{dgram_path}",
-        pass_fds=(udp.fileno(),),
-    )
+    server = serve("apps:DatagramEcho", "-w", "2", "-b", f"unix-dgram:{dgram_path}", listen_on=udp)
     server.wait_ready(2)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         client.settimeout(5)
@@ -93,16 +77,7 @@ def test_stale_unix_socket_file_is_replaced(serve, app_dir: Path):
 
 
 def test_max_requests_replaces_the_worker(serve, listener):
-    server = serve(
-        "apps:Pid",
-        "-w",
-        "1",
-        "--max-requests",
-        "3",
-        "-b",
-        f"fd://{listener.fileno()}",
-        pass_fds=(listener.fileno(),),
-    )
+    server = serve("apps:Pid", "-w", "1", "--max-requests", "3", listen_on=listener)
     first = server.wait_ready(1)[0]
     answers = [int(echo_line(listener.getsockname())) for _ in range(3)]
     assert answers == [first] * 3
@@ -112,16 +87,7 @@ def test_max_requests_replaces_the_worker(serve, listener):
 
 
 def test_stuck_worker_is_killed_after_the_timeout(serve, listener):
-    server = serve(
-        "apps:Slow",
-        "-w",
-        "1",
-        "--timeout",
-        "1",
-        "-b",
-        f"fd://{listener.fileno()}",
-        pass_fds=(listener.fileno(),),
-    )
+    server = serve("apps:Slow", "-w", "1", "--timeout", "1", listen_on=listener)
     stuck = server.wait_ready(1)[0]
     with socket.create_connection(listener.getsockname(), timeout=10) as conn:
         conn.sendall(b"60\n")
@@ -175,18 +141,7 @@ def hold(address: tuple[str, int]) -> tuple[socket.socket, int]:
 
 
 def test_thread_worker_at_its_thread_cap_leaves_connections_to_idle_workers(serve, listener):
-    server = serve(
-        "apps:HoldPid",
-        "-w",
-        "2",
-        "-k",
-        "thread",
-        "--threads",
-        "1",
-        "-b",
-        f"fd://{listener.fileno()}",
-        pass_fds=(listener.fileno(),),
-    )
+    server = serve("apps:HoldPid", "-w", "2", "-k", "thread", "--threads", "1", listen_on=listener)
     server.wait_ready(2)
     first, first_pid = hold(listener.getsockname())
     second, second_pid = hold(listener.getsockname())
@@ -195,18 +150,7 @@ def test_thread_worker_at_its_thread_cap_leaves_connections_to_idle_workers(serv
 
 
 def test_thread_worker_serves_up_to_threads_connections_at_once(serve, listener):
-    server = serve(
-        "apps:HoldPid",
-        "-w",
-        "1",
-        "-k",
-        "thread",
-        "--threads",
-        "3",
-        "-b",
-        f"fd://{listener.fileno()}",
-        pass_fds=(listener.fileno(),),
-    )
+    server = serve("apps:HoldPid", "-w", "1", "-k", "thread", "--threads", "3", listen_on=listener)
     (worker,) = server.wait_ready(1)
     held = [hold(listener.getsockname()) for _ in range(3)]
     try:
@@ -227,23 +171,13 @@ def test_thread_worker_serves_up_to_threads_connections_at_once(serve, listener)
 
 
 def test_accepted_tcp_connections_have_nodelay_unless_turned_off(serve, listener):
-    on = serve(
-        "apps:NoDelay", "-w", "1", "-b", f"fd://{listener.fileno()}", pass_fds=(listener.fileno(),)
-    )
+    on = serve("apps:NoDelay", "-w", "1", listen_on=listener)
     on.wait_ready(1)
     assert echo_line(listener.getsockname()) == b"1"
     on.signal(signal.SIGTERM)
     assert on.wait_exit() == 0
     with socket.create_server(("127.0.0.1", 0)) as plain:
         plain.set_inheritable(True)
-        off = serve(
-            "apps:NoDelay",
-            "-w",
-            "1",
-            "--no-tcp-nodelay",
-            "-b",
-            f"fd://{plain.fileno()}",
-            pass_fds=(plain.fileno(),),
-        )
+        off = serve("apps:NoDelay", "-w", "1", "--no-tcp-nodelay", listen_on=plain)
         off.wait_ready(1)
         assert echo_line(plain.getsockname()) == b"0"

@@ -26,16 +26,7 @@ def slow_request(address: object, seconds: float) -> socket.socket:
 def test_serves_every_bind_then_term_exits_0_and_cleans_up(serve, listener, app_dir: Path):
     sock_path = app_dir / "app.sock"
     server = serve(
-        "apps:Echo",
-        "-w",
-        "2",
-        "-b",
-        f"fd://{listener.fileno()}",
-        "-b",
-        f"unix:{sock_path}",
-        "--pid",
-        "app.pid",
-        pass_fds=(listener.fileno(),),
+        "apps:Echo", "-w", "2", "-b", f"unix:{sock_path}", "--pid", "app.pid", listen_on=listener
     )
     workers = server.wait_ready(2)
     assert (app_dir / "app.pid").read_text() == f"{server.pid}\n"
@@ -62,9 +53,7 @@ def test_term_right_after_the_port_accepts_is_honoured(serve, app_dir: Path):
 
 
 def test_sigkilled_worker_is_replaced_within_a_second_with_no_zombie(serve, listener):
-    server = serve(
-        "apps:Pid", "-w", "2", "-b", f"fd://{listener.fileno()}", pass_fds=(listener.fileno(),)
-    )
+    server = serve("apps:Pid", "-w", "2", listen_on=listener)
     before = server.wait_ready(2)
     victim = before[0]
     os.kill(victim, signal.SIGKILL)
@@ -93,9 +82,7 @@ def test_sigkilled_worker_is_replaced_within_a_second_with_no_zombie(serve, list
 
 
 def test_ttin_adds_and_ttou_removes_a_worker_never_below_one(serve, listener):
-    server = serve(
-        "apps:Echo", "-w", "2", "-b", f"fd://{listener.fileno()}", pass_fds=(listener.fileno(),)
-    )
+    server = serve("apps:Echo", "-w", "2", listen_on=listener)
     server.wait_ready(2)
     for signum, expected in [
         (signal.SIGTTIN, 3),
@@ -115,9 +102,7 @@ def test_ttin_adds_and_ttou_removes_a_worker_never_below_one(serve, listener):
 
 
 def test_term_drains_an_in_flight_request_and_exits_0(serve, listener):
-    server = serve(
-        "apps:Slow", "-w", "1", "-b", f"fd://{listener.fileno()}", pass_fds=(listener.fileno(),)
-    )
+    server = serve("apps:Slow", "-w", "1", listen_on=listener)
     server.wait_ready(1)
     with slow_request(listener.getsockname(), 1.0) as conn:
         server.signal(signal.SIGTERM)
@@ -126,16 +111,7 @@ def test_term_drains_an_in_flight_request_and_exits_0(serve, listener):
 
 
 def test_graceful_timeout_kills_what_is_left(serve, listener):
-    server = serve(
-        "apps:Slow",
-        "-w",
-        "1",
-        "--graceful-timeout",
-        "0.5",
-        "-b",
-        f"fd://{listener.fileno()}",
-        pass_fds=(listener.fileno(),),
-    )
+    server = serve("apps:Slow", "-w", "1", "--graceful-timeout", "0.5", listen_on=listener)
     server.wait_ready(1)
     with slow_request(listener.getsockname(), 60):
         server.signal(signal.SIGTERM)
@@ -145,9 +121,7 @@ def test_graceful_timeout_kills_what_is_left(serve, listener):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGQUIT])
 def test_int_and_quit_stop_now(serve, listener, signum: int):
-    server = serve(
-        "apps:Slow", "-w", "2", "-b", f"fd://{listener.fileno()}", pass_fds=(listener.fileno(),)
-    )
+    server = serve("apps:Slow", "-w", "2", listen_on=listener)
     server.wait_ready(2)
     with slow_request(listener.getsockname(), 60):
         server.signal(signum)
@@ -155,9 +129,7 @@ def test_int_and_quit_stop_now(serve, listener, signum: int):
 
 
 def test_second_int_during_graceful_stop_makes_it_quick(serve, listener):
-    server = serve(
-        "apps:Slow", "-w", "1", "-b", f"fd://{listener.fileno()}", pass_fds=(listener.fileno(),)
-    )
+    server = serve("apps:Slow", "-w", "1", listen_on=listener)
     server.wait_ready(1)
     with slow_request(listener.getsockname(), 60):
         server.signal(signal.SIGTERM)
@@ -169,16 +141,7 @@ def test_second_int_during_graceful_stop_makes_it_quick(serve, listener):
 
 @pytest.mark.parametrize("worker_class", ["sync", "thread", "fork"])
 def test_workers_exit_when_the_master_is_killed(serve, listener, worker_class: str):
-    server = serve(
-        "apps:Slow",
-        "-w",
-        "2",
-        "-k",
-        worker_class,
-        "-b",
-        f"fd://{listener.fileno()}",
-        pass_fds=(listener.fileno(),),
-    )
+    server = serve("apps:Slow", "-w", "2", "-k", worker_class, listen_on=listener)
     server.wait_ready(2)
     with slow_request(listener.getsockname(), 60):  # one worker busy, one idle
         family = psutil.Process(server.pid).children(recursive=True)
@@ -194,21 +157,11 @@ def test_workers_exit_when_the_master_is_killed(serve, listener, worker_class: s
 
 def test_environment_sets_options_and_the_command_line_wins(serve, listener):
     env = {"PREFORK_WORKERS": "3", "PREFORK_NAME": "from-env"}
-    by_env = serve(
-        "apps:Echo", "-b", f"fd://{listener.fileno()}", env=env, pass_fds=(listener.fileno(),)
-    )
+    by_env = serve("apps:Echo", env=env, listen_on=listener)
     pids = by_env.wait_ready(3)
     assert psutil.Process(pids[0]).cmdline()[0].endswith("[from-env]")
     by_env.signal(signal.SIGTERM)
     assert by_env.wait_exit() == 0
-    by_cli = serve(
-        "apps:Echo",
-        "-w",
-        "1",
-        "-b",
-        f"fd://{listener.fileno()}",
-        env=env,
-        pass_fds=(listener.fileno(),),
-    )
+    by_cli = serve("apps:Echo", "-w", "1", env=env, listen_on=listener)
     by_cli.wait_ready(1)
     wait_until(lambda: "with 1 sync workers" in by_cli.log)
