@@ -26,8 +26,9 @@ from typing import Any
 
 from . import listeners, signals
 from .config import Config
-from .errors import BootError
+from .errors import EXIT_BOOT_ERROR, BootError
 from .heartbeat import Heartbeat
+from .listeners import describe_address
 from .process import describe_exit, get_title, set_title
 from .version import __version__
 from .workers import make_worker, worker_model
@@ -209,10 +210,20 @@ class Arbiter:
             loader=self.loader,
             inherited_fds=self._fds_not_for_worker(nr, status_r),
         )
-        with signals.blocked():
-            pid = os.fork()
-            if pid == 0:
-                make_worker(spec, self.config.threads).run()  # never returns
+        try:
+            with signals.blocked():
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        make_worker(spec, self.config.threads).run()  # never returns
+                    finally:
+                        os._exit(EXIT_BOOT_ERROR)  # never unwind into the master's loop
+        except OSError as exc:  # EAGAIN/ENOMEM: try this slot again later, do not die
+            for fd in (status_r, status_w):
+                os.close(fd)
+            heartbeat.close()
+            self._back_off(nr, f"cannot fork worker {nr}: {exc.strerror}")
+            return
         os.close(status_w)
         worker = WorkerProcess(nr, pid, self.generation, status_r, heartbeat, time.monotonic())
         self.workers[pid] = worker
@@ -298,15 +309,13 @@ class Arbiter:
             self._boot_error = cause
             self.stop(graceful=False)
             return
-        delay = min(self._backoff.get(worker.nr, (BACKOFF_START / 2, 0.0))[0] * 2, BACKOFF_CAP)
-        self._backoff[worker.nr] = (delay, time.monotonic() + delay)
-        log.error(
-            "worker %d (pid %d) failed to boot: %s; retrying in %.1fs",
-            worker.nr,
-            worker.pid,
-            cause,
-            delay,
-        )
+        self._back_off(worker.nr, f"worker {worker.nr} (pid {worker.pid}) failed to boot: {cause}")
+
+    def _back_off(self, nr: int, why: str) -> None:
+        """Retry slot ``nr`` later, doubling the delay each time: never a fork storm."""
+        delay = min(self._backoff.get(nr, (BACKOFF_START / 2, 0.0))[0] * 2, BACKOFF_CAP)
+        self._backoff[nr] = (delay, time.monotonic() + delay)
+        log.error("%s; retrying in %.1fs", why, delay)
 
     def _read_status(self, worker: WorkerProcess) -> None:
         try:
@@ -377,15 +386,3 @@ class Arbiter:
 
     def _not_yet(self, what: str) -> None:
         log.warning("%s is not supported by this version of prefork; ignored", what)
-
-
-def describe_address(server: Any) -> str:
-    address = server.server_address
-    if isinstance(address, tuple):
-        host, port = address[0], address[1]
-        scheme = "udp://" if server.socket.type == socket.SOCK_DGRAM else ""
-        return f"{scheme}[{host}]:{port}" if ":" in host else f"{scheme}{host}:{port}"
-    if isinstance(address, bytes):
-        address = address.decode("utf-8", "replace")
-    kind = "unix" if server.socket.type == socket.SOCK_STREAM else "unix-dgram"
-    return f"{kind}:{address.replace(chr(0), '@', 1) if address.startswith(chr(0)) else address}"

@@ -16,7 +16,7 @@ import socketserver
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from .errors import BindError
 
@@ -203,3 +203,16 @@ def describe_os_error(exc: OSError) -> str:
 
 def bind_error(text: str, exc: OSError) -> BindError:
     return BindError(f"cannot bind {text}: {describe_os_error(exc)}")
+
+
+def describe_address(server: Any) -> str:
+    """How a bound server's address reads in logs: the --bind syntax that would name it."""
+    address = server.server_address
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        scheme = "udp://" if server.socket.type == socket.SOCK_DGRAM else ""
+        return f"{scheme}[{host}]:{port}" if ":" in host else f"{scheme}{host}:{port}"
+    if isinstance(address, bytes):
+        address = address.decode("utf-8", "replace")
+    kind = "unix" if server.socket.type == socket.SOCK_STREAM else "unix-dgram"
+    return f"{kind}:@{address[1:]}" if address.startswith("\0") else f"{kind}:{address}"

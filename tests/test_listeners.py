@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from prefork.errors import BindError
-from prefork.listeners import BindSpec, parse_bind
+from prefork.listeners import BindSpec, describe_address, parse_bind
 
 
 @pytest.mark.parametrize(
@@ -85,3 +85,24 @@ def test_every_ipv4_address_and_port_round_trips(port: int, octets: tuple[int, .
     host = ".".join(map(str, octets))
     assert parse_bind(f"{host}:{port}").address == (host, port)
     assert parse_bind(f"udp://{host}:{port}").kind == "udp"
+
+
+@pytest.mark.parametrize(
+    ("address", "sock_type", "text"),
+    [
+        (("127.0.0.1", 8000), socket.SOCK_STREAM, "127.0.0.1:8000"),
+        (("::1", 8000, 0, 0), socket.SOCK_STREAM, "[::1]:8000"),
+        (("127.0.0.1", 53), socket.SOCK_DGRAM, "udp://127.0.0.1:53"),
+        ("/run/app.sock", socket.SOCK_STREAM, "unix:/run/app.sock"),
+        ("\0abstract", socket.SOCK_DGRAM, "unix-dgram:@abstract"),
+        (b"/run/bytes.sock", socket.SOCK_STREAM, "unix:/run/bytes.sock"),
+    ],
+)
+def test_describe_address_uses_the_bind_syntax(address, sock_type, text) -> None:
+    class Bound:
+        server_address = address
+        socket = type("Sock", (), {"type": sock_type})()
+
+    assert describe_address(Bound()) == text
+    if not text.startswith("unix-dgram:@") and "[" not in text:
+        assert parse_bind(text).text == text  # and that syntax parses back
