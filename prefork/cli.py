@@ -8,6 +8,7 @@ over the environment, which wins over the defaults.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import typing
 from collections.abc import Callable
@@ -134,12 +135,17 @@ def open_server(spec: listeners.BindSpec, config: Config) -> Any:
     settings = {name: getattr(config, name) for name in LIBRARY_SETTINGS}
     if spec.kind == "fd":
         sock = listeners.inherited_socket(spec.fd, spec.text)
-        base = listeners.base_server_class(spec)
-        cls = server_class(base, config.worker_class, sock.family)
-        return cls.from_socket(sock, None, **settings)
-    cls = server_class(listeners.base_server_class(spec), config.worker_class, spec.family)
+        base = listeners.base_server_class(sock.family, sock.type == socket.SOCK_STREAM)
+        try:
+            return server_class(base, config.worker_class, sock.family).from_socket(
+                sock, None, **settings
+            )
+        except OSError as exc:
+            sock.close()
+            raise listeners.bind_error(spec.text, exc) from None
+    base = listeners.base_server_class(spec.family, spec.stream)
     try:
-        return cls(spec.address, None, **settings)
+        return server_class(base, config.worker_class, spec.family)(spec.address, None, **settings)
     except OSError as exc:
         raise listeners.bind_error(spec.text, exc) from None
 

@@ -112,15 +112,8 @@ def _check_ip(host: str, kind: Callable[[str], object], text: str) -> None:
         raise BindError(f"bad bind {text!r}: {host!r} is not a valid IP address") from None
 
 
-def base_server_class(spec: BindSpec) -> type[socketserver.BaseServer]:
-    """The stdlib server class a bind is served with (its family for TCP/UDP comes later)."""
-    if spec.kind == "fd":
-        with socket.socket(fileno=os.dup(spec.fd)) as sock:
-            return _class_for(sock.family, sock.type == socket.SOCK_STREAM)
-    return _class_for(spec.family, spec.stream)
-
-
-def _class_for(family: int, stream: bool) -> type[socketserver.BaseServer]:
+def base_server_class(family: int, stream: bool) -> type[socketserver.BaseServer]:
+    """The stdlib server class for a socket family and kind (stream or datagram)."""
     if family == socket.AF_UNIX:
         return socketserver.UnixStreamServer if stream else socketserver.UnixDatagramServer
     return socketserver.TCPServer if stream else socketserver.UDPServer
