@@ -1,13 +1,18 @@
 """Arbiter: the master. It binds nothing and serves nothing; it keeps N workers alive.
 
-One flat loop: dispatch queued signals, reap exited workers, kill stuck ones, spawn
-missing ones, then sleep on the self-pipe until the next deadline. Signals (SIGCHLD
-included) and other threads only queue and wake; every decision is made in the loop.
+One flat loop: dispatch queued signals, reap exited workers, kill stuck ones, settle a
+reload, spawn missing workers, then sleep on the self-pipe until the next deadline.
+Signals (SIGCHLD included) and other threads only queue and wake; every decision is
+made in the loop.
 
 Workers report over a status pipe each: one byte when ready, or a one-line boot error.
 EOF on it means the worker is gone, which also wakes a master that has no signal
 handlers (one running outside the main thread). A second pipe, which only the master
 writes to, tells workers the master died: they see EOF and leave.
+
+Reload (HUP) starts a whole new generation beside the serving one, and stops the old
+generation only once every new worker is ready; if the new one cannot get ready, it is
+stopped instead and the old one serves on.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from .errors import EXIT_BOOT_ERROR, BootError
 from .heartbeat import Heartbeat
 from .listeners import describe_address
 from .process import describe_exit, get_title, set_title
+from .systemd import Notifier
+from .upgrade import AdoptedWorker, Handover, Upgrader
 from .version import __version__
 from .workers import make_worker, worker_model
 from .workers.base import BOOT_ERROR, READY, Loader, WorkerSpec
@@ -49,7 +56,7 @@ class WorkerProcess:
     pid: int
     generation: int
     status_fd: int
-    heartbeat: Heartbeat
+    heartbeat: Heartbeat | None  # None: adopted across an upgrade, its page stayed behind
     started: float
     ready: bool = False
     stop_sent: int = 0  # the signal we sent to stop it, if any
@@ -67,25 +74,33 @@ class Arbiter:
         name: str,
         loader: Loader | None = None,
         route: signals.SignalRoute | None = None,
+        upgrader: Upgrader | None = None,
+        handover: Handover | None = None,
+        app_dir: str = ".",
     ) -> None:
         self.servers = list(servers)
         self.config = config
         self.name = name
         self.loader = loader
         self.target_workers = config.workers
-        self.generation = 1
+        self.generation = handover.generation if handover else 1  # the serving generation
+        self.reloading: int | None = None  # the generation being started by a reload
+        self._newest = self.generation  # every reload attempt gets a number of its own
         self.workers: dict[int, WorkerProcess] = {}
+        self.notify = Notifier()
         self._route = route or signals.SignalRoute(signals.Wakeup(), signals.MASTER_SIGNALS)
         self._wakeup = self._route.wakeup
         self._selector = selectors.DefaultSelector()
+        self._upgrader, self._handover, self._app_dir = upgrader, handover, app_dir
         self._stopping: int = 0  # 0 running; SIGTERM graceful; SIGQUIT quick
         self._stop_deadline: float | None = None
-        self._ever_ready = False
+        self._ever_ready = self._announced_ready = False
         self._boot_error: str | None = None
         self._backoff: dict[int, tuple[float, float]] = {}  # slot -> (delay, not before)
         self._own_sockets: dict[int, list[socket.socket | None]] = {}  # slot -> reuse-port
         self._master_r = self._master_w = -1
         self._poll_interval = 0.5
+        self._next_watchdog = 0.0
         self._handlers: dict[int, Callable[[], None]] = {
             signal.SIGTERM: partial(self.stop, graceful=True),
             SHUTDOWN_CALLED: partial(self.stop, graceful=True),
@@ -93,8 +108,8 @@ class Arbiter:
             signal.SIGQUIT: partial(self.stop, graceful=False),
             signal.SIGTTIN: partial(self.resize, +1),
             signal.SIGTTOU: partial(self.resize, -1),
-            signal.SIGHUP: partial(self._not_yet, "HUP (reload)"),
-            signal.SIGUSR2: partial(self._not_yet, "USR2 (upgrade)"),
+            signal.SIGHUP: self.reload,
+            signal.SIGUSR2: self.reexec,
             signal.SIGUSR1: partial(self._not_yet, "USR1 (reopen logs)"),
             signal.SIGCHLD: lambda: None,  # only wakes us; reap_workers runs every turn
         }
@@ -106,10 +121,13 @@ class Arbiter:
         installed_here = not self._route.installed and self._route.install()
         title = get_title()
         set_title(f"prefork: master [{self.name}]")
-        self._master_r, self._master_w = os.pipe()
         self._selector.register(self._wakeup.read_fd, selectors.EVENT_READ)
         for server in self.servers:
             server.socket.setblocking(False)  # a worker that loses the accept race moves on
+        if self._handover:
+            self._adopt(self._handover)
+        else:
+            self._master_r, self._master_w = os.pipe()
         log.info(
             "prefork %s master (pid %d) serving %s with %d %s workers",
             __version__,
@@ -122,14 +140,7 @@ class Arbiter:
             self._loop()
         finally:
             self._kill_remaining()
-            self._selector.close()
-            for fd in (self._master_r, self._master_w):
-                os.close(fd)
-            for own in self._own_sockets.values():
-                for sock in own:
-                    if sock is not None:
-                        sock.close()
-            self._own_sockets.clear()
+            self._close_all()
             if installed_here:
                 self._route.restore()
             set_title(title)
@@ -148,6 +159,7 @@ class Arbiter:
             self.reap_workers()
             self.kill_stuck_workers()
             if not self._stopping:
+                self._settle()
                 self.spawn_missing()
             elif not self.workers:
                 return
@@ -165,13 +177,11 @@ class Arbiter:
         deadlines = [when for _, when in self._backoff.values()]
         if self._stop_deadline is not None:
             deadlines.append(self._stop_deadline)
-        timeout = self.config.worker_timeout
-        if timeout:
-            deadlines.extend(
-                self._last_sign_of_life(w) + timeout
-                for w in self.workers.values()
-                if not w.stop_sent
-            )
+        deadlines.extend(
+            deadline for w in self.workers.values() if (deadline := self._deadline(w)) is not None
+        )
+        if self.notify.watchdog_interval:
+            deadlines.append(self._next_watchdog)
         if not self._route.installed:  # no SIGCHLD: a status-pipe EOF may come late
             deadlines.append(now + self._poll_interval)
         return max(0.0, min(deadlines) - now) if deadlines else None
@@ -185,20 +195,36 @@ class Arbiter:
                 log.info("master got %s", signals.signal_name(signum))
             self._handlers.get(signum, lambda: None)()
 
+    def _settle(self) -> None:
+        """Announce readiness, finish a reload whose workers are all ready, ping systemd."""
+        serving = self._generation_workers(self.generation)
+        if not self._announced_ready and self._complete(serving):
+            self._announced_ready = True
+            self.notify.ready(f"serving with {len(serving)} workers")
+        if self.reloading is not None and self._complete(self._generation_workers(self.reloading)):
+            self._finish_reload()
+        if self.notify.watchdog_interval and time.monotonic() >= self._next_watchdog:
+            self.notify.watchdog()
+            self._next_watchdog = time.monotonic() + self.notify.watchdog_interval
+
     # -- workers ----------------------------------------------------------------------------------
     def spawn_missing(self) -> None:
-        busy = {w.nr for w in self.workers.values()}
         now = time.monotonic()
-        for nr in range(1, self.target_workers + 1):
-            if nr not in busy and self._backoff.get(nr, (0.0, 0.0))[1] <= now:
-                self.spawn_worker(nr)
+        generations = (
+            [self.generation] if self.reloading is None else [self.generation, self.reloading]
+        )
+        for generation in generations:
+            busy = {w.nr for w in self._generation_workers(generation)}
+            for nr in range(1, self.target_workers + 1):
+                if nr not in busy and self._backoff.get(nr, (0.0, 0.0))[1] <= now:
+                    self.spawn_worker(nr, generation)
 
-    def spawn_worker(self, nr: int) -> None:
+    def spawn_worker(self, nr: int, generation: int) -> None:
         heartbeat = Heartbeat()
         status_r, status_w = os.pipe()
         spec = WorkerSpec(
             nr=nr,
-            generation=self.generation,
+            generation=generation,
             servers=self.servers,
             sockets=self._slot_sockets(nr),
             heartbeat=heartbeat,
@@ -225,10 +251,10 @@ class Arbiter:
             self._back_off(nr, f"cannot fork worker {nr}: {exc.strerror}")
             return
         os.close(status_w)
-        worker = WorkerProcess(nr, pid, self.generation, status_r, heartbeat, time.monotonic())
+        worker = WorkerProcess(nr, pid, generation, status_r, heartbeat, time.monotonic())
         self.workers[pid] = worker
         self._selector.register(status_r, selectors.EVENT_READ, worker)
-        log.debug("spawned worker %d (pid %d)", nr, pid)
+        log.debug("spawned worker %d (pid %d, generation %d)", nr, pid, generation)
 
     def reap_workers(self) -> None:
         """Collect exited workers. Only our own pids: the host program may own other children."""
@@ -249,18 +275,26 @@ class Arbiter:
                 )
                 self._signal(worker, signal.SIGKILL)
             self._stop_deadline = None
-        timeout = self.config.worker_timeout
         for worker in self.workers.values():
-            if timeout and not worker.stop_sent and now - self._last_sign_of_life(worker) > timeout:
-                state = "to boot" if not worker.ready else "without a heartbeat"
+            deadline = self._deadline(worker)
+            if deadline is None or now < deadline:
+                continue
+            if worker.ready:
                 log.error(
-                    "worker %d (pid %d) took more than %gs %s; killing it",
+                    "worker %d (pid %d) went %gs without a heartbeat; killing it",
                     worker.nr,
                     worker.pid,
-                    timeout,
-                    state,
+                    self.config.worker_timeout,
                 )
-                self._signal(worker, signal.SIGKILL)
+            else:
+                worker.boot_error = f"not ready within {self.config.boot_timeout:g}s"
+                log.error(
+                    "worker %d (pid %d) was %s; killing it",
+                    worker.nr,
+                    worker.pid,
+                    worker.boot_error,
+                )
+            self._signal(worker, signal.SIGKILL)
 
     def resize(self, delta: int) -> None:
         """TTIN/TTOU: one worker more or less, never fewer than one."""
@@ -270,16 +304,95 @@ class Arbiter:
             if worker.nr > self.target_workers and not worker.stop_sent:
                 self._signal(worker, signal.SIGTERM)
 
+    def reload(self) -> None:
+        """HUP: a new generation beside the serving one; the old one stops once all are ready."""
+        if self._stopping or self.reloading is not None:
+            log.warning("a reload or stop is already under way; HUP ignored")
+            return
+        if self.config.preload and self._upgrader is not None:
+            log.info("the app is preloaded in the master: reloading by re-executing it")
+            self.reexec()
+            return
+        self._newest += 1
+        self.reloading = self._newest
+        log.info(
+            "reloading: starting generation %d beside generation %d",
+            self.reloading,
+            self.generation,
+        )
+        self.notify.reloading(f"reloading: starting generation {self.reloading}")
+
+    def reexec(self) -> None:
+        """USR2: check the new code, then re-execute this master in place (same PID)."""
+        if self._upgrader is None:
+            log.warning("USR2 (upgrade in place) needs `prefork run`; ignored")
+            return
+        if self._stopping or self.reloading is not None:
+            log.warning("a reload or stop is already under way; USR2 ignored")
+            return
+        problem = self._upgrader.check(self._app_dir)
+        if problem:
+            log.error(
+                "upgrade abandoned, still serving generation %d: %s", self.generation, problem
+            )
+            return
+        self.notify.reloading("upgrading the master in place")
+        log.info("upgrading: re-executing the master in place (pid %d)", os.getpid())
+        handover = Handover(
+            generation=self.generation,
+            master_r=self._master_r,
+            master_w=self._master_w,
+            workers=[
+                AdoptedWorker(w.pid, w.nr, w.generation, w.status_fd)
+                for w in self.workers.values()
+                if not w.stop_sent
+            ],
+            unlink=[s._prefork_unlink[1] if s._prefork_unlink else "" for s in self.servers],
+        )
+        extra = [self._master_r, self._master_w] + [w.status_fd for w in handover.workers]
+        try:
+            self._upgrader.execute(handover, [s.socket.fileno() for s in self.servers], extra)
+        except OSError as exc:
+            log.error("upgrade abandoned, cannot re-execute: %s", exc)
+            self.notify.ready(f"serving with {self.target_workers} workers (upgrade failed)")
+
     def stop(self, graceful: bool) -> None:
         """TERM: finish in-flight requests within graceful_timeout. INT/QUIT: now."""
         if graceful and self._stopping:
             return  # already stopping, at least as fast
         self._stopping = signal.SIGTERM if graceful else signal.SIGQUIT
+        self.reloading = None
         wait = self.config.graceful_timeout if graceful else QUICK_STOP_GRACE
         self._stop_deadline = time.monotonic() + wait
-        log.info("stopping %s (%d workers)", "gracefully" if graceful else "now", len(self.workers))
+        how = "gracefully" if graceful else "now"
+        log.info("stopping %s (%d workers)", how, len(self.workers))
+        self.notify.stopping(f"stopping {how}")
         for worker in self.workers.values():
             self._signal(worker, self._stopping)
+
+    # -- reload -----------------------------------------------------------------------------------
+    def _finish_reload(self) -> None:
+        old = [w for w in self.workers.values() if w.generation != self.reloading]
+        self.generation, self.reloading = self.reloading or self.generation, None
+        self._backoff.clear()
+        log.info(
+            "reload complete: generation %d serving; stopping %d old workers",
+            self.generation,
+            len(old),
+        )
+        for worker in old:
+            self._signal(worker, signal.SIGTERM)
+        self.notify.ready(
+            f"serving with {self.target_workers} workers, generation {self.generation}"
+        )
+
+    def _abandon_reload(self, cause: str) -> None:
+        abandoned, self.reloading = self.reloading, None
+        assert abandoned is not None
+        log.error("reload abandoned, generation %d keeps serving: %s", self.generation, cause)
+        for worker in self._generation_workers(abandoned):
+            self._signal(worker, signal.SIGTERM)
+        self.notify.ready(f"serving with {self.target_workers} workers (reload failed: {cause})")
 
     # -- helpers ----------------------------------------------------------------------------------
     def _on_exit(self, worker: WorkerProcess, code: int) -> None:
@@ -287,7 +400,8 @@ class Arbiter:
         with contextlib.suppress(KeyError):
             self._selector.unregister(worker.status_fd)
         os.close(worker.status_fd)
-        worker.heartbeat.close()
+        if worker.heartbeat:
+            worker.heartbeat.close()
         how = describe_exit(code)
         if not worker.ready:
             self._on_boot_failure(worker, how)
@@ -302,14 +416,20 @@ class Arbiter:
 
     def _on_boot_failure(self, worker: WorkerProcess, how: str) -> None:
         cause = worker.boot_error or how
-        if self._stopping:
+        if self._stopping or worker.stop_sent == signal.SIGTERM:
             return
-        if not self._ever_ready:  # nothing ever worked: fail fast, do not loop
+        if worker.generation == self.reloading:
+            self._abandon_reload(
+                f"worker {worker.nr} of generation {worker.generation} failed to boot: {cause}"
+            )
+        elif not self._ever_ready:  # nothing ever worked: fail fast, do not loop
             log.error("worker %d (pid %d) failed to boot: %s", worker.nr, worker.pid, cause)
             self._boot_error = cause
             self.stop(graceful=False)
-            return
-        self._back_off(worker.nr, f"worker {worker.nr} (pid {worker.pid}) failed to boot: {cause}")
+        else:
+            self._back_off(
+                worker.nr, f"worker {worker.nr} (pid {worker.pid}) failed to boot: {cause}"
+            )
 
     def _back_off(self, nr: int, why: str) -> None:
         """Retry slot ``nr`` later, doubling the delay each time: never a fork storm."""
@@ -329,19 +449,54 @@ class Arbiter:
         if data.startswith(READY) and not worker.ready:
             worker.ready = self._ever_ready = True
             self._backoff.pop(worker.nr, None)
-            worker.heartbeat.beat()
+            if worker.heartbeat:
+                worker.heartbeat.beat()
             log.info("worker %d (pid %d) booted", worker.nr, worker.pid)
         elif data.startswith(BOOT_ERROR):
             worker.boot_error = data[1:].decode("utf-8", "replace")
 
-    def _last_sign_of_life(self, worker: WorkerProcess) -> float:
-        return worker.heartbeat.last() if worker.ready else worker.started
+    def _deadline(self, worker: WorkerProcess) -> float | None:
+        """When this worker will be overdue: heartbeat when ready, boot otherwise."""
+        if worker.stop_sent or worker.heartbeat is None:
+            return None
+        if worker.ready:
+            timeout = self.config.worker_timeout
+            return worker.heartbeat.last() + timeout if timeout else None
+        timeout = self.config.boot_timeout
+        return worker.started + timeout if timeout else None
+
+    def _generation_workers(self, generation: int) -> list[WorkerProcess]:
+        return [w for w in self.workers.values() if w.generation == generation]
+
+    def _complete(self, workers: list[WorkerProcess]) -> bool:
+        """All slots 1..N present and ready."""
+        ready = {w.nr for w in workers if w.ready and not w.stop_sent}
+        return ready >= set(range(1, self.target_workers + 1))
 
     def _signal(self, worker: WorkerProcess, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, signum)
         if signum != signal.SIGKILL or not worker.stop_sent:
             worker.stop_sent = signum
+
+    def _adopt(self, handover: Handover) -> None:
+        """After an upgrade: take over the old image's pipe and workers, then reload."""
+        self._master_r, self._master_w = handover.master_r, handover.master_w
+        now = time.monotonic()
+        for old in handover.workers:
+            worker = WorkerProcess(
+                old.nr, old.pid, old.generation, old.status_fd, None, now, ready=True
+            )
+            self.workers[old.pid] = worker
+            self._selector.register(old.status_fd, selectors.EVENT_READ, worker)
+        self._ever_ready = self._announced_ready = True
+        log.info(
+            "upgraded in place: adopted %d workers of generation %d",
+            len(handover.workers),
+            handover.generation,
+        )
+        self._newest = self.generation + 1
+        self.reloading = self._newest
 
     def _kill_remaining(self) -> None:
         """Last resort on the way out (an exception in the loop): leave no child behind."""
@@ -351,8 +506,20 @@ class Arbiter:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(worker.pid, 0)
             os.close(worker.status_fd)
-            worker.heartbeat.close()
+            if worker.heartbeat:
+                worker.heartbeat.close()
         self.workers.clear()
+
+    def _close_all(self) -> None:
+        self._selector.close()
+        self.notify.close()
+        for fd in (self._master_r, self._master_w):
+            os.close(fd)
+        for own in self._own_sockets.values():
+            for sock in own:
+                if sock is not None:
+                    sock.close()
+        self._own_sockets.clear()
 
     def _slot_sockets(self, nr: int) -> list[socket.socket | None]:
         """With reuse_port, every slot after the first gets its own sibling sockets."""

@@ -24,8 +24,10 @@ from .config import LIBRARY_SETTINGS, Config, env_var, flag_name
 from .errors import ConfigError, PreforkError
 from .mixin import PreForkMixIn
 from .process import Pidfile
-from .signals import MASTER_SIGNALS, SignalRoute, Wakeup
+from .signals import MASTER_SIGNALS, SignalRoute, Wakeup, unblock_all
+from .systemd import take_listen_fds
 from .target import Target, add_cwd_to_path
+from .upgrade import Upgrader, take_handover
 from .version import __version__
 from .workers import SERVER_MIXINS
 
@@ -94,30 +96,55 @@ def run(ctx: click.Context, /, target: str, **options: Any) -> None:
     Signals to the master: TERM stops gracefully, INT and QUIT stop now, TTIN and TTOU
     add and remove a worker. See docs/signals.md.
     """
+    started_in = os.getcwd()
+    handover = take_handover()  # set when this image is a USR2 upgrade of the master
+    inherited = take_listen_fds()  # systemd socket activation, or an upgrade's sockets
+    given = given_options(ctx, options)
     try:
         app = Target.parse(target)
-        config = Config(**given_options(ctx, options))
+        config = Config(**given)
         specs = [listeners.parse_bind(text) for text in config.binds]
         if config.chdir:
             _chdir(config.chdir)
         add_cwd_to_path()
-        app.check()  # in a throwaway child: the master never imports the app
+        if config.preload:
+            handler = app.load()  # once, in the master; workers share it copy-on-write
+        else:
+            app.check()  # in a throwaway child: the master never imports the app
     except PreforkError as exc:
         raise StartupError(str(exc)) from None
     log.configure(config.log_level)
     # Handlers go in before any socket is bound: a signal sent the moment the port
-    # accepts must be honoured, not kill a master that is still starting.
+    # accepts must be honoured, not kill a master that is still starting. An upgraded
+    # image arrives with signals blocked (see upgrade.py) and unblocks them only now.
     route = SignalRoute(Wakeup(), MASTER_SIGNALS)
     route.install()
+    unblock_all()
     servers: list[Any] = []
     pidfile = Pidfile(config.pid) if config.pid else None
     try:
-        for spec in specs:
-            servers.append(open_server(spec, config))
+        unlink = handover.unlink if handover else [""] * len(inherited)
+        for fd, path in zip(inherited, unlink, strict=True):
+            servers.append(adopt_socket(fd, f"fd://{fd}", config, unlink=path))
+        # Passed sockets replace the default address; binds the user named are added,
+        # except after an upgrade, whose passed sockets are those very binds.
+        if not handover and ("binds" in given or not inherited):
+            servers.extend(open_server(spec, config) for spec in specs)
+        if config.preload:
+            for server in servers:
+                server.RequestHandlerClass = handler
         if pidfile:
             pidfile.write(os.getpid())
+        upgrader = Upgrader(str(app), sys.argv[1:], started_in, config.boot_timeout)
         arbiter = Arbiter(
-            servers, config, name=config.name or str(app), loader=app.load, route=route
+            servers,
+            config,
+            name=config.name or str(app),
+            route=route,
+            upgrader=upgrader,
+            loader=None if config.preload else app.load,
+            handover=handover,
+            app_dir=os.getcwd(),
         )
         arbiter.run()
     except PreforkError as exc:
@@ -132,22 +159,34 @@ def run(ctx: click.Context, /, target: str, **options: Any) -> None:
 
 def open_server(spec: listeners.BindSpec, config: Config) -> Any:
     """Bind one address with the server class its kind and the worker class call for."""
-    settings = {name: getattr(config, name) for name in LIBRARY_SETTINGS}
     if spec.kind == "fd":
-        sock = listeners.inherited_socket(spec.fd, spec.text)
-        base = listeners.base_server_class(sock.family, sock.type == socket.SOCK_STREAM)
-        try:
-            return server_class(base, config.worker_class, sock.family).from_socket(
-                sock, None, **settings
-            )
-        except OSError as exc:
-            sock.close()
-            raise listeners.bind_error(spec.text, exc) from None
+        return adopt_socket(spec.fd, spec.text, config)
     base = listeners.base_server_class(spec.family, spec.stream)
+    cls = server_class(base, config.worker_class, spec.family)
     try:
-        return server_class(base, config.worker_class, spec.family)(spec.address, None, **settings)
+        return cls(spec.address, None, **_library_settings(config))
     except OSError as exc:
         raise listeners.bind_error(spec.text, exc) from None
+
+
+def adopt_socket(fd: int, text: str, config: Config, unlink: str = "") -> Any:
+    """Serve an already-bound descriptor (fd://N, systemd, an upgrade); its family and
+    type are read from the socket. ``unlink``: a Unix socket file we own."""
+    sock = listeners.inherited_socket(fd, text)
+    base = listeners.base_server_class(sock.family, sock.type == socket.SOCK_STREAM)
+    cls = server_class(base, config.worker_class, sock.family)
+    try:
+        server = cls.from_socket(sock, None, **_library_settings(config))
+    except OSError as exc:
+        sock.close()
+        raise listeners.bind_error(text, exc) from None
+    if unlink:
+        server._prefork_unlink = (os.getpid(), unlink)
+    return server
+
+
+def _library_settings(config: Config) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in LIBRARY_SETTINGS}
 
 
 def server_class(base: type, worker_class: str, family: int) -> type[PreForkMixIn]:

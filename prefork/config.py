@@ -97,6 +97,11 @@ class Config:
         help="Seconds a worker may go without a heartbeat (a stuck loop, or a sync "
         "worker stuck in one request) before it is killed and replaced; 0 turns it off.",
     )
+    boot_timeout: float = setting(
+        30.0,
+        help="Seconds a new worker may take to import the app and report ready before it "
+        "is killed (and a reload using it abandoned); 0 turns it off.",
+    )
     max_requests: int = setting(
         0, help="Requests a worker serves before it is replaced; 0 means never."
     )
@@ -104,6 +109,12 @@ class Config:
         None,
         default_text="MODULE:OBJECT",
         help="Name shown in process titles and logs.",
+    )
+    preload: bool = setting(
+        False,
+        library=False,
+        help="Import the app once in the master before forking, so workers share its "
+        "memory. HUP then re-executes the master in place (as USR2 does) to load new code.",
     )
     chdir: str | None = setting(
         None, library=False, help="Directory to change to before importing the app."
@@ -123,6 +134,7 @@ class Config:
         _check_at_least("max_requests", self.max_requests, 0)
         _check_at_least("graceful_timeout", self.graceful_timeout, 0)
         _check_at_least("worker_timeout", self.worker_timeout, 0)
+        _check_at_least("boot_timeout", self.boot_timeout, 0)
         if not self.binds:
             raise ConfigError("binds must name at least one address")
 

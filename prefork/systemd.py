@@ -1,0 +1,83 @@
+"""systemd integration: socket activation (``LISTEN_FDS``) and ``sd_notify``.
+
+Both protocols are a few lines, so prefork speaks them itself instead of depending on
+libsystemd: descriptors start at 3, and notifications are newline-separated
+``KEY=VALUE`` lines in one datagram to the Unix socket named by ``NOTIFY_SOCKET``
+(``@name`` is the abstract namespace).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import MutableMapping
+
+log = logging.getLogger("prefork.systemd")
+
+LISTEN_FDS_START = 3
+
+
+def take_listen_fds(environ: MutableMapping[str, str] | None = None) -> list[int]:
+    """The descriptors systemd passed to this process, if any; the variables are removed
+    so that workers and the app's own child processes do not inherit them."""
+    env = os.environ if environ is None else environ
+    pid, count = env.pop("LISTEN_PID", None), env.pop("LISTEN_FDS", None)
+    env.pop("LISTEN_FDNAMES", None)
+    if pid is None or count is None or not pid.isdigit() or int(pid) != os.getpid():
+        return []
+    if not count.isdigit():
+        return []
+    return list(range(LISTEN_FDS_START, LISTEN_FDS_START + int(count)))
+
+
+class Notifier:
+    """sd_notify to ``NOTIFY_SOCKET``; every method does nothing when it is not set."""
+
+    def __init__(self, environ: MutableMapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        address = env.get("NOTIFY_SOCKET", "")
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        self.watchdog_interval: float | None = None
+        usec, watchdog_pid = env.get("WATCHDOG_USEC", ""), env.get("WATCHDOG_PID", "")
+        if usec.isdigit() and int(usec) > 0 and watchdog_pid in ("", str(os.getpid())):
+            self.watchdog_interval = int(usec) / 1e6 / 2  # ping twice per period
+        self._sock: socket.socket | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.address)
+
+    def send(self, *lines: str) -> None:
+        if not self.address:
+            return
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._sock.sendto("\n".join(lines).encode(), self.address)
+        except OSError as exc:  # systemd gone or socket full: serving matters more
+            log.debug("sd_notify to %r failed: %s", self.address, exc)
+
+    def ready(self, status: str) -> None:
+        self.send("READY=1", f"STATUS={status}")
+
+    def reloading(self, status: str) -> None:
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send("RELOADING=1", f"MONOTONIC_USEC={usec}", f"STATUS={status}")
+
+    def stopping(self, status: str) -> None:
+        self.send("STOPPING=1", f"STATUS={status}")
+
+    def status(self, status: str) -> None:
+        self.send(f"STATUS={status}")
+
+    def watchdog(self) -> None:
+        self.send("WATCHDOG=1")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None

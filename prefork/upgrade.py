@@ -1,0 +1,156 @@
+"""USR2: re-execute the master in place (same PID), handing over sockets and workers.
+
+The old image puts the listening sockets at descriptors 3, 4, ... and describes them
+with the systemd protocol (``LISTEN_FDS``/``LISTEN_PID``); everything else the new image
+needs (the master pipe, each worker's pid, slot, generation and status pipe) travels as
+inheritable descriptors named in one environment variable. The workers themselves stay
+where they are: they are children of this PID before and after ``execve``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, MutableMapping
+from dataclasses import asdict, dataclass, field
+
+from . import signals
+from .systemd import LISTEN_FDS_START
+
+log = logging.getLogger("prefork.upgrade")
+
+HANDOVER_ENV = "PREFORK_HANDOVER"
+
+# Run in a fresh interpreter: imports prefork itself and the target, as the new master will.
+_CHECK = """
+import sys
+import prefork.cli
+from prefork.errors import AppImportError
+from prefork.target import Target
+try:
+    Target.parse(sys.argv[1]).load()
+except AppImportError as exc:
+    sys.exit(str(exc))
+"""
+
+
+@dataclass
+class AdoptedWorker:
+    pid: int
+    nr: int
+    generation: int
+    status_fd: int
+
+
+@dataclass
+class Handover:
+    """What the old image tells the new one, besides the sockets at 3, 4, ..."""
+
+    generation: int
+    master_r: int
+    master_w: int
+    workers: list[AdoptedWorker] = field(default_factory=list)
+    unlink: list[str] = field(default_factory=list)  # per socket: Unix path we own, or ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Handover:
+        data = json.loads(text)
+        data["workers"] = [AdoptedWorker(**w) for w in data["workers"]]
+        return cls(**data)
+
+
+def take_handover(environ: MutableMapping[str, str] | None = None) -> Handover | None:
+    env = os.environ if environ is None else environ
+    text = env.pop(HANDOVER_ENV, None)
+    return Handover.from_json(text) if text else None
+
+
+class Upgrader:
+    """Checks new code in a fresh interpreter, then replaces this process's image."""
+
+    def __init__(self, target: str, argv: list[str], cwd: str, timeout: float) -> None:
+        self.target = target
+        self.argv = argv  # the arguments after "prefork", as first given
+        self.cwd = cwd  # where they were given (before --chdir)
+        self.timeout = timeout or None
+
+    def check(self, app_dir: str) -> str | None:
+        """Import prefork and the target in a fresh interpreter; the problem, or None."""
+        try:
+            result = subprocess.run(
+                [sys.executable, "-c", _CHECK, self.target],
+                cwd=app_dir,
+                capture_output=True,
+                text=True,
+                timeout=self.timeout,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            return f"importing {self.target} took more than {self.timeout}s"
+        except OSError as exc:
+            return f"cannot run {sys.executable}: {exc.strerror}"
+        if result.returncode == 0:
+            return None
+        lines = result.stderr.strip().splitlines()
+        return lines[-1] if lines else f"the check exited with status {result.returncode}"
+
+    def execute(self, handover: Handover, socket_fds: list[int], extra_fds: list[int]) -> None:
+        """Replace this image. Returns only if execve failed, with everything as it was."""
+        plan = socket_fds + extra_fds
+        with signals.blocked():  # stay blocked across execve; the new image unblocks
+            undo = _place_at_listen_fds(plan)
+            moved = dict(
+                zip(plan, range(LISTEN_FDS_START, LISTEN_FDS_START + len(plan)), strict=True)
+            )
+            handover.master_r, handover.master_w = (
+                moved[handover.master_r],
+                moved[handover.master_w],
+            )
+            for worker in handover.workers:
+                worker.status_fd = moved[worker.status_fd]
+            env = dict(os.environ, LISTEN_FDS=str(len(socket_fds)), LISTEN_PID=str(os.getpid()))
+            env[HANDOVER_ENV] = handover.to_json()
+            for handler in logging.getLogger("prefork").handlers:
+                handler.flush()
+            try:
+                os.chdir(self.cwd)
+                os.execve(sys.executable, [sys.executable, "-m", "prefork", *self.argv], env)
+            except OSError:
+                undo()
+                raise
+
+
+def _place_at_listen_fds(fds: list[int]) -> Callable[[], None]:
+    """dup2 ``fds`` onto 3, 4, ... (inheritable); return a function that puts back
+    whatever those numbers held, so a failed execve leaves the master intact."""
+    top = LISTEN_FDS_START + len(fds)
+    sources = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in fds]
+    saved: dict[int, int | None] = {}
+    for target in range(LISTEN_FDS_START, top):
+        try:
+            saved[target] = fcntl.fcntl(target, fcntl.F_DUPFD_CLOEXEC, top)
+        except OSError:
+            saved[target] = None  # nothing open there
+    for target, source in zip(range(LISTEN_FDS_START, top), sources, strict=True):
+        os.dup2(source, target, inheritable=True)
+
+    def undo() -> None:
+        for target, copy in saved.items():
+            if copy is None:
+                os.close(target)
+            else:
+                os.dup2(copy, target, inheritable=False)
+                os.close(copy)
+        for source in sources:
+            with contextlib.suppress(OSError):
+                os.close(source)
+
+    return undo

@@ -1,0 +1,202 @@
+"""Zero-downtime: HUP and USR2 under real concurrent load, for TCP, Unix and UDP binds."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import CliServer, wait_until
+from load import Load
+
+APP = """
+import socketserver, time
+VERSION = b"{version}"
+time.sleep({boot_sleep})
+class Stream(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.rfile.readline()
+        self.wfile.write(VERSION + b"\\n")
+class Datagram(socketserver.DatagramRequestHandler):
+    def handle(self):
+        self.wfile.write(VERSION + b"\\n")
+"""
+# Bytecode caches are keyed by mtime and size: a module rewritten within the same second
+# at the same size could be served stale. The tests write no bytecode at all.
+NO_PYC = {"PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def write_app(app_dir: Path, version: str, boot_sleep: float = 0, broken: bool = False) -> None:
+    source = APP.format(version=version, boot_sleep=boot_sleep)
+    (app_dir / "versioned.py").write_text(source + ("def broken(:\n" if broken else ""))
+
+
+@pytest.fixture
+def bound(request: pytest.FixtureRequest, app_dir: Path) -> Iterator[tuple[str, list[str], Any]]:
+    """(kind, bind arguments, client address) for a socket of each kind; fd:// for TCP/UDP."""
+    kind = request.param
+    if kind == "unix":
+        path = app_dir / "reload.sock"
+        yield kind, ["-b", f"unix:{path}"], str(path)
+        return
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    if kind == "tcp":
+        sock.listen(2048)
+    sock.set_inheritable(True)
+    request.node.pass_fds = (sock.fileno(),)
+    yield kind, ["-b", f"fd://{sock.fileno()}"], sock.getsockname()
+    sock.close()
+
+
+def start(
+    serve: Callable[..., CliServer], bound: Any, request: pytest.FixtureRequest, *extra: str
+) -> CliServer:
+    kind, bind_args, _ = bound
+    target = "versioned:Datagram" if kind == "udp" else "versioned:Stream"
+    server = serve(
+        target,
+        "-w",
+        "2",
+        *bind_args,
+        *extra,
+        env=NO_PYC,
+        pass_fds=getattr(request.node, "pass_fds", ()),
+    )
+    server.wait_ready(2)
+    return server
+
+
+def reload_and_wait(server: CliServer, signum: int, generation: int) -> None:
+    server.signal(signum)
+    wait_until(
+        lambda: f"reload complete: generation {generation} serving" in server.log,
+        timeout=20,
+        message=lambda: f"generation {generation}; log:\n{server.log}",
+    )
+
+
+KINDS = pytest.mark.parametrize("bound", ["tcp", "unix", "udp"], indirect=True)
+
+
+@KINDS
+def test_hup_five_times_under_load_replaces_every_worker_with_no_failure(
+    serve, bound, request, app_dir: Path
+) -> None:
+    write_app(app_dir, "v1")
+    server = start(serve, bound, request)
+    with Load(bound[2], bound[0]) as load:
+        load.wait_for_requests(50)
+        for generation in range(2, 7):
+            before = set(server.booted())
+            write_app(app_dir, f"v{generation}")
+            reload_and_wait(server, signal.SIGHUP, generation)
+            wait_until(
+                lambda b=before: b.isdisjoint(server.worker_pids()),
+                message="the old generation to exit",
+            )
+            assert len(server.booted()) == 2
+            load.wait_for_requests(50)
+    report = load.report
+    print(f"\nHUP x5 under load ({bound[0]}): {report.summary()}")
+    assert report.failures == []
+    assert set(report.answers) <= {b"v%d" % n for n in range(1, 7)}
+    assert b"v6" in report.answers
+    with Load(bound[2], bound[0], clients=1, max_requests=20) as after:
+        after.wait_for_requests(20)
+    assert set(after.report.answers) == {b"v6"}  # only the new code answers now
+
+
+@KINDS
+def test_hup_with_a_broken_module_keeps_the_old_code_serving(
+    serve, bound, request, app_dir: Path
+) -> None:
+    write_app(app_dir, "v1")
+    server = start(serve, bound, request)
+    workers = set(server.booted())
+    with Load(bound[2], bound[0]) as load:
+        load.wait_for_requests(50)
+        write_app(app_dir, "v2", broken=True)
+        server.signal(signal.SIGHUP)
+        wait_until(lambda: "reload abandoned, generation 1 keeps serving" in server.log, timeout=20)
+        wait_until(lambda: len(server.worker_pids()) == 2)  # the failed generation is gone
+        load.wait_for_requests(100)
+        assert set(server.worker_pids()) == workers  # exactly the old N, untouched
+        assert "SyntaxError" in server.log.split("reload abandoned")[1].splitlines()[0]
+        write_app(app_dir, "v3")
+        reload_and_wait(server, signal.SIGHUP, 3)
+        load.wait_for_requests(50)
+    report = load.report
+    print(f"\nbroken HUP under load ({bound[0]}): {report.summary()}")
+    assert report.failures == []
+    assert set(report.answers) <= {b"v1", b"v3"}
+    assert server.proc.poll() is None  # the master lives
+
+
+@pytest.mark.parametrize("bound", ["tcp"], indirect=True)
+def test_slow_booting_app_reload_makes_no_request_wait(serve, bound, request, app_dir: Path):
+    write_app(app_dir, "v1")
+    server = start(serve, bound, request)
+    with Load(bound[2], bound[0]) as load:
+        load.wait_for_requests(50)
+        write_app(app_dir, "v2", boot_sleep=2)
+        reload_and_wait(server, signal.SIGHUP, 2)
+        load.wait_for_requests(50)
+    report = load.report
+    print(f"\nslow-boot (2 s) HUP under load: {report.summary()}")
+    assert report.failures == []
+    assert report.max_latency < 1.0  # nothing waited for the 2 s boot
+
+
+@pytest.mark.parametrize("bound", ["tcp", "unix"], indirect=True)
+def test_usr2_with_preload_upgrades_in_place_under_load(serve, bound, request, app_dir: Path):
+    write_app(app_dir, "v1")
+    server = start(serve, bound, request, "--preload", "--pid", "app.pid")
+    pid_file = (app_dir / "app.pid").read_text()
+    before = set(server.booted())
+    with Load(bound[2], bound[0]) as load:
+        load.wait_for_requests(50)
+        write_app(app_dir, "v2")
+        reload_and_wait(server, signal.SIGUSR2, 2)
+        wait_until(lambda: before.isdisjoint(server.worker_pids()))
+        load.wait_for_requests(50)
+    report = load.report
+    print(f"\nUSR2 --preload under load ({bound[0]}): {report.summary()}")
+    assert report.failures == []
+    assert (app_dir / "app.pid").read_text() == pid_file == f"{server.pid}\n"
+    assert server.proc.poll() is None
+    assert "upgraded in place: adopted 2 workers" in server.log
+    assert set(report.answers) <= {b"v1", b"v2"} and b"v2" in report.answers
+    assert len(server.worker_pids()) == 2
+
+
+@pytest.mark.parametrize("bound", ["tcp"], indirect=True)
+def test_usr2_with_a_broken_module_changes_nothing(serve, bound, request, app_dir: Path):
+    write_app(app_dir, "v1")
+    server = start(serve, bound, request, "--preload")
+    before = set(server.booted())
+    write_app(app_dir, "v2", broken=True)
+    server.signal(signal.SIGUSR2)
+    wait_until(lambda: "upgrade abandoned, still serving generation 1" in server.log, timeout=20)
+    assert "SyntaxError" in server.log.split("upgrade abandoned")[1].splitlines()[0]
+    assert set(server.worker_pids()) == before
+    with Load(bound[2], bound[0], clients=1, max_requests=10) as load:
+        load.wait_for_requests(10)
+    assert set(load.report.answers) == {b"v1"}
+
+
+@pytest.mark.parametrize("bound", ["tcp"], indirect=True)
+def test_hup_with_preload_delivers_new_code(serve, bound, request, app_dir: Path):
+    write_app(app_dir, "v1")
+    server = start(serve, bound, request, "--preload")
+    write_app(app_dir, "v2")
+    reload_and_wait(server, signal.SIGHUP, 2)
+    assert "reloading by re-executing it" in server.log
+    with Load(bound[2], bound[0], clients=1, max_requests=10) as load:
+        load.wait_for_requests(10)
+    assert set(load.report.answers) == {b"v2"}
+    assert os.path.exists(f"/proc/{server.pid}")
