@@ -148,12 +148,13 @@ class CliServer:
         log_path: Path,
         pass_fds: tuple[int, ...],
         env: dict[str, str] | None,
+        launcher: list[str] | None = None,
     ) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         full_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{cwd}", **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "prefork", "run", *args],
+            [*(launcher or []), sys.executable, "-m", "prefork", "run", *args],
             cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -228,14 +229,14 @@ def serve(app_dir: Path) -> Iterator[Callable[..., CliServer]]:
         cwd: Path | None = None,
         pass_fds: tuple[int, ...] = (),
         env: dict[str, str] | None = None,
+        launcher: list[str] | None = None,
     ) -> CliServer:
         """``listen_on``: a socket the test owns, served as ``--bind fd://N``."""
         if listen_on is not None:
             args = (*args, "-b", f"fd://{listen_on.fileno()}")
             pass_fds = (*pass_fds, listen_on.fileno())
-        server = CliServer(
-            list(args), cwd or tmp_path, tmp_path / f"server{len(started)}.log", pass_fds, env
-        )
+        log_path = tmp_path / f"server{len(started)}.log"
+        server = CliServer(list(args), cwd or tmp_path, log_path, pass_fds, env, launcher)
         started.append(server)
         return server
 
@@ -300,6 +301,21 @@ class NoDelay(socketserver.BaseRequestHandler):
         import socket
         self.request.sendall(b"%d\\n" % bool(
             self.request.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+
+class Both(socketserver.BaseRequestHandler):
+    """Echoes a line on a stream socket, or a datagram on a datagram socket."""
+    def handle(self):
+        if isinstance(self.request, tuple):
+            data, sock = self.request
+            sock.sendto(data, self.client_address)
+        else:
+            line = self.request.makefile("rb").readline()
+            if line.startswith(b"env "):  # what a child process of this worker inherits
+                import subprocess
+                name = line.split()[1].decode()
+                line = subprocess.run(["sh", "-c", 'echo "${%s-unset}"' % name],
+                                      capture_output=True).stdout
+            self.request.sendall(line)
 
 class DatagramEcho(socketserver.DatagramRequestHandler):
     def handle(self):
