@@ -348,8 +348,13 @@ class Arbiter:
                 if not w.stop_sent
             ],
             unlink=[s._prefork_unlink[1] if s._prefork_unlink else "" for s in self.servers],
+            slot_sockets={
+                str(nr): [sock.fileno() if sock else -1 for sock in own]
+                for nr, own in self._own_sockets.items()
+            },
         )
         extra = [self._master_r, self._master_w] + [w.status_fd for w in handover.workers]
+        extra += [fd for fds in handover.slot_sockets.values() for fd in fds if fd >= 0]
         try:
             self._upgrader.execute(handover, [s.socket.fileno() for s in self.servers], extra)
         except OSError as exc:
@@ -482,6 +487,14 @@ class Arbiter:
     def _adopt(self, handover: Handover) -> None:
         """After an upgrade: take over the old image's pipe and workers, then reload."""
         self._master_r, self._master_w = handover.master_r, handover.master_w
+        for nr, fds in handover.slot_sockets.items():
+            self._own_sockets[int(nr)] = [
+                socket.socket(fileno=fd) if fd >= 0 else None for fd in fds
+            ]
+            for sock in self._own_sockets[int(nr)]:
+                if sock is not None:
+                    sock.set_inheritable(False)
+                    sock.setblocking(False)
         now = time.monotonic()
         for old in handover.workers:
             worker = WorkerProcess(

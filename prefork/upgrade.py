@@ -56,6 +56,9 @@ class Handover:
     master_w: int
     workers: list[AdoptedWorker] = field(default_factory=list)
     unlink: list[str] = field(default_factory=list)  # per socket: Unix path we own, or ""
+    # --reuse-port: each slot's own sockets (-1 where a server shares its socket), so
+    # connections queued on them survive the upgrade
+    slot_sockets: dict[str, list[int]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -116,6 +119,8 @@ class Upgrader:
             )
             for worker in handover.workers:
                 worker.status_fd = moved[worker.status_fd]
+            for fds in handover.slot_sockets.values():
+                fds[:] = [moved[fd] if fd >= 0 else -1 for fd in fds]
             env = dict(os.environ, LISTEN_FDS=str(len(socket_fds)), LISTEN_PID=str(os.getpid()))
             env[HANDOVER_ENV] = handover.to_json()
             for handler in logging.getLogger("prefork").handlers:

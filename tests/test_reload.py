@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 from collections.abc import Callable, Iterator
@@ -200,3 +201,39 @@ def test_hup_with_preload_delivers_new_code(serve, bound, request, app_dir: Path
         load.wait_for_requests(10)
     assert set(load.report.answers) == {b"v2"}
     assert os.path.exists(f"/proc/{server.pid}")
+
+
+def test_usr2_with_reuse_port_keeps_every_slot_socket(serve, app_dir: Path):
+    write_app(app_dir, "v1")
+    server = serve("versioned:Stream", "-w", "3", "--reuse-port", "-b", "127.0.0.1:0", env=NO_PYC)
+    server.wait_ready(3)
+    port = int(wait_until(lambda: re.search(r"serving 127\.0\.0\.1:(\d+)", server.log)).group(1))
+    before = set(server.booted())
+    with Load(("127.0.0.1", port), "tcp") as load:
+        load.wait_for_requests(100)
+        write_app(app_dir, "v2")
+        reload_and_wait(server, signal.SIGUSR2, 2)
+        wait_until(lambda: before.isdisjoint(server.worker_pids()))
+        load.wait_for_requests(200)  # every slot's queue still has a worker behind it
+    report = load.report
+    print(f"\nUSR2 --reuse-port under load: {report.summary()}")
+    assert report.failures == []
+    assert b"v2" in report.answers
+
+
+@pytest.mark.parametrize("bound", ["tcp"], indirect=True)
+def test_reload_gives_up_on_a_worker_that_misses_the_boot_timeout(
+    serve, bound, request, app_dir: Path
+) -> None:
+    write_app(app_dir, "v1")
+    server = start(serve, bound, request, "--boot-timeout", "1")
+    workers = set(server.booted())
+    with Load(bound[2], bound[0]) as load:
+        write_app(app_dir, "v2", boot_sleep=30)
+        server.signal(signal.SIGHUP)
+        wait_until(lambda: "reload abandoned, generation 1 keeps serving" in server.log, timeout=10)
+        wait_until(lambda: set(server.worker_pids()) == workers)
+        load.wait_for_requests(50)
+    assert "not ready within 1s" in server.log.split("reload abandoned")[1].splitlines()[0]
+    assert load.report.failures == []
+    assert set(load.report.answers) == {b"v1"}
