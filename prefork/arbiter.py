@@ -396,7 +396,9 @@ class Arbiter:
         assert abandoned is not None
         log.error("reload abandoned, generation %d keeps serving: %s", self.generation, cause)
         for worker in self._generation_workers(abandoned):
-            self._signal(worker, signal.SIGTERM)
+            # A ready worker may hold accepted connections: it finishes them. One still
+            # booting serves nothing and may be stuck in its import: it goes now.
+            self._signal(worker, signal.SIGTERM if worker.ready else signal.SIGKILL)
         self.notify.ready(f"serving with {self.target_workers} workers (reload failed: {cause})")
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -421,12 +423,14 @@ class Arbiter:
 
     def _on_boot_failure(self, worker: WorkerProcess, how: str) -> None:
         cause = worker.boot_error or how
-        if self._stopping or worker.stop_sent == signal.SIGTERM:
+        if self._stopping:
             return
         if worker.generation == self.reloading:
             self._abandon_reload(
                 f"worker {worker.nr} of generation {worker.generation} failed to boot: {cause}"
             )
+        elif worker.generation != self.generation or (worker.stop_sent and not worker.boot_error):
+            return  # stopped on purpose (TTOU, an abandoned reload): not a boot failure
         elif not self._ever_ready:  # nothing ever worked: fail fast, do not loop
             log.error("worker %d (pid %d) failed to boot: %s", worker.nr, worker.pid, cause)
             self._boot_error = cause

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from conftest import echo_line, is_running, living_descendants, wait_until
 
@@ -61,13 +63,13 @@ def serving(server: Any, poll_interval: float = 0.1) -> Iterator[Any]:
 
 
 def workers_of(pid: int = 0) -> list[int]:
-    import psutil
-
-    return sorted(
-        p.pid
-        for p in psutil.Process(pid or os.getpid()).children()
-        if p.status() != psutil.STATUS_ZOMBIE and "worker" in " ".join(p.cmdline())
-    )
+    """Running children titled as workers; one that exits while we look is skipped."""
+    pids = []
+    for child in psutil.Process(pid or os.getpid()).children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.status() != psutil.STATUS_ZOMBIE and "worker" in " ".join(child.cmdline()):
+                pids.append(child.pid)
+    return sorted(pids)
 
 
 def datagram_round_trip(server: Any, tmp_path: Path, payload: bytes = b"ping") -> bytes:
