@@ -22,16 +22,15 @@ import logging
 import os
 import selectors
 import signal
-import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from . import listeners, signals
 from .config import Config
-from .errors import EXIT_BOOT_ERROR, BootError
+from .errors import EXIT_BOOT_ERROR, BootError, PreforkError
 from .heartbeat import Heartbeat
 from .listeners import describe_address
 from .process import describe_exit, get_title, set_title
@@ -46,6 +45,28 @@ log = logging.getLogger("prefork.arbiter")
 SHUTDOWN_CALLED = -1  # queued like a signal by shutdown() from another thread
 QUICK_STOP_GRACE = 1.0  # seconds a quick-stopped worker gets before SIGKILL
 BACKOFF_START, BACKOFF_CAP = 0.1, 10.0  # retry delays of a slot whose worker fails to boot
+# Settings a HUP cannot change in a running master: they shape the sockets, the server
+# classes or the process itself. They take effect at the next USR2 or restart.
+FIXED_UNTIL_RESTART = (
+    "worker_class",
+    "preload",
+    "chdir",
+    "pid",
+    "reuse_port",
+    "backlog",
+    "tcp_nodelay",
+    "config",
+)
+
+
+class Reconfigurer(Protocol):
+    """What ``prefork run`` gives the master so that HUP re-reads its settings."""
+
+    def read(self) -> Config:
+        """The settings as they are now (config file, command line, environment)."""
+
+    def open(self, bind: str, config: Config) -> Any:
+        """Bind a new address; the server's ``prefork_bind`` is ``bind``."""
 
 
 @dataclass
@@ -77,6 +98,7 @@ class Arbiter:
         upgrader: Upgrader | None = None,
         handover: Handover | None = None,
         app_dir: str = ".",
+        settings: Reconfigurer | None = None,
     ) -> None:
         self.servers = list(servers)
         self.config = config
@@ -92,12 +114,15 @@ class Arbiter:
         self._wakeup = self._route.wakeup
         self._selector = selectors.DefaultSelector()
         self._upgrader, self._handover, self._app_dir = upgrader, handover, app_dir
+        self._settings = settings
+        self._before_reload: tuple[Config, list[Any], int] | None = None  # to restore
+        self.retiring: list[Any] = []  # servers of removed binds, closed when unused
         self._stopping: int = 0  # 0 running; SIGTERM graceful; SIGQUIT quick
         self._stop_deadline: float | None = None
         self._ever_ready = self._announced_ready = False
         self._boot_error: str | None = None
         self._backoff: dict[int, tuple[float, float]] = {}  # slot -> (delay, not before)
-        self._own_sockets: dict[int, list[socket.socket | None]] = {}  # slot -> reuse-port
+        self._slots = listeners.SlotSockets(config.backlog)
         self._master_r = self._master_w = -1
         self._poll_interval = 0.5
         self._next_watchdog = 0.0
@@ -203,6 +228,12 @@ class Arbiter:
             self.notify.ready(f"serving with {len(serving)} workers")
         if self.reloading is not None and self._complete(self._generation_workers(self.reloading)):
             self._finish_reload()
+        if self.retiring and all(w.generation >= self.generation for w in self.workers.values()):
+            for server in self.retiring:
+                log.info("closing %s: no longer configured", describe_address(server))
+                self._slots.close_server(server)
+                server.server_close()
+            self.retiring = []
         if self.notify.watchdog_interval and time.monotonic() >= self._next_watchdog:
             self.notify.watchdog()
             self._next_watchdog = time.monotonic() + self.notify.watchdog_interval
@@ -226,7 +257,7 @@ class Arbiter:
             nr=nr,
             generation=generation,
             servers=self.servers,
-            sockets=self._slot_sockets(nr),
+            sockets=self._slots.for_slot(nr, self.servers),
             heartbeat=heartbeat,
             status_fd=status_w,
             master_fd=self._master_r,
@@ -313,6 +344,20 @@ class Arbiter:
             log.info("the app is preloaded in the master: reloading by re-executing it")
             self.reexec()
             return
+        self.start_reload()
+
+    def start_reload(self) -> None:
+        """Re-read the settings (if we can), then start the next generation."""
+        self.notify.reloading("reloading")
+        if self._settings is not None:
+            try:
+                self._reconfigure(self._settings)
+            except PreforkError as exc:
+                log.error("reload abandoned, generation %d keeps serving: %s", self.generation, exc)
+                self.notify.ready(
+                    f"serving with {self.target_workers} workers (reload failed: {exc})"
+                )
+                return
         self._newest += 1
         self.reloading = self._newest
         log.info(
@@ -320,7 +365,6 @@ class Arbiter:
             self.reloading,
             self.generation,
         )
-        self.notify.reloading(f"reloading: starting generation {self.reloading}")
 
     def reexec(self) -> None:
         """USR2: check the new code, then re-execute this master in place (same PID)."""
@@ -348,10 +392,8 @@ class Arbiter:
                 if not w.stop_sent
             ],
             unlink=[s._prefork_unlink[1] if s._prefork_unlink else "" for s in self.servers],
-            slot_sockets={
-                str(nr): [sock.fileno() if sock else -1 for sock in own]
-                for nr, own in self._own_sockets.items()
-            },
+            slot_sockets=self._slots.export(self.servers),
+            binds=[getattr(s, "prefork_bind", None) or "" for s in self.servers],
         )
         extra = [self._master_r, self._master_w] + [w.status_fd for w in handover.workers]
         extra += [fd for fds in handover.slot_sockets.values() for fd in fds if fd >= 0]
@@ -376,9 +418,50 @@ class Arbiter:
             self._signal(worker, self._stopping)
 
     # -- reload -----------------------------------------------------------------------------------
+    def _reconfigure(self, settings: Reconfigurer) -> None:
+        """Apply re-read settings for the coming generation; open binds that were added.
+
+        Removed binds keep serving the old generation and close once it is gone. The
+        previous state is kept so that an abandoned reload can put it back.
+        """
+        new = settings.read()
+        kept = {
+            f.name: getattr(self.config, f.name)
+            for f in fields(Config)
+            if f.name in FIXED_UNTIL_RESTART
+            and getattr(new, f.name) != getattr(self.config, f.name)
+        }
+        for name in kept:
+            log.warning("%s changed; it takes effect at the next USR2 or restart", name)
+        new = replace(new, **kept)
+        current = {getattr(s, "prefork_bind", None) for s in self.servers}
+        added: list[Any] = []
+        try:
+            for bind in new.binds:
+                if bind not in current:
+                    added.append(settings.open(bind, new))
+                    added[-1].socket.setblocking(False)
+        except BaseException:
+            for server in added:
+                server.server_close()
+            raise
+        configured = set(new.binds)
+        removed = [
+            s
+            for s in self.servers
+            if getattr(s, "prefork_bind", None) and s.prefork_bind not in configured
+        ]
+        self._before_reload = (self.config, self.servers, self.target_workers)
+        self.config, self.target_workers = new, new.workers
+        self.servers = [s for s in self.servers if s not in removed] + added
+        self.retiring = removed
+        for server in added:
+            log.info("added %s", describe_address(server))
+
     def _finish_reload(self) -> None:
         old = [w for w in self.workers.values() if w.generation != self.reloading]
         self.generation, self.reloading = self.reloading or self.generation, None
+        self._before_reload = None
         self._backoff.clear()
         log.info(
             "reload complete: generation %d serving; stopping %d old workers",
@@ -395,6 +478,14 @@ class Arbiter:
         abandoned, self.reloading = self.reloading, None
         assert abandoned is not None
         log.error("reload abandoned, generation %d keeps serving: %s", self.generation, cause)
+        if self._before_reload is not None:  # put back the settings and binds of before
+            config, servers, self.target_workers = self._before_reload
+            for server in self.servers:
+                if server not in servers:
+                    self._slots.close_server(server)
+                    server.server_close()
+            self.config, self.servers, self.retiring = config, servers, []
+            self._before_reload = None
         for worker in self._generation_workers(abandoned):
             # A ready worker may hold accepted connections: it finishes them. One still
             # booting serves nothing and may be stuck in its import: it goes now.
@@ -416,10 +507,10 @@ class Arbiter:
             log.info("worker %d (pid %d) %s", worker.nr, worker.pid, how)
         else:
             log.warning("worker %d (pid %d) %s unexpectedly", worker.nr, worker.pid, how)
-        if worker.nr > self.target_workers:
-            for sock in self._own_sockets.pop(worker.nr, []):
-                if sock is not None:
-                    sock.close()
+        if worker.nr > self.target_workers and not any(
+            w.nr == worker.nr for w in self.workers.values()
+        ):
+            self._slots.close_slot(worker.nr)
 
     def _on_boot_failure(self, worker: WorkerProcess, how: str) -> None:
         cause = worker.boot_error or how
@@ -491,14 +582,7 @@ class Arbiter:
     def _adopt(self, handover: Handover) -> None:
         """After an upgrade: take over the old image's pipe and workers, then reload."""
         self._master_r, self._master_w = handover.master_r, handover.master_w
-        for nr, fds in handover.slot_sockets.items():
-            self._own_sockets[int(nr)] = [
-                socket.socket(fileno=fd) if fd >= 0 else None for fd in fds
-            ]
-            for sock in self._own_sockets[int(nr)]:
-                if sock is not None:
-                    sock.set_inheritable(False)
-                    sock.setblocking(False)
+        self._slots.adopt(handover.slot_sockets, self.servers)
         now = time.monotonic()
         for old in handover.workers:
             worker = WorkerProcess(
@@ -512,8 +596,7 @@ class Arbiter:
             len(handover.workers),
             handover.generation,
         )
-        self._newest = self.generation + 1
-        self.reloading = self._newest
+        self.start_reload()  # and settings changed in the config file meanwhile
 
     def _kill_remaining(self) -> None:
         """Last resort on the way out (an exception in the loop): leave no child behind."""
@@ -532,29 +615,11 @@ class Arbiter:
         self.notify.close()
         for fd in (self._master_r, self._master_w):
             os.close(fd)
-        for own in self._own_sockets.values():
-            for sock in own:
-                if sock is not None:
-                    sock.close()
-        self._own_sockets.clear()
-
-    def _slot_sockets(self, nr: int) -> list[socket.socket | None]:
-        """With reuse_port, every slot after the first gets its own sibling sockets."""
-        if not self.config.reuse_port or nr == 1:
-            return [None] * len(self.servers)
-        if nr not in self._own_sockets:
-            self._own_sockets[nr] = [
-                listeners.open_sibling(s.socket, self.config.backlog)
-                if getattr(s, "_prefork_reuse_port", False)
-                else None
-                for s in self.servers
-            ]
-        return self._own_sockets[nr]
+        self._slots.close_all()
 
     def _fds_not_for_worker(self, nr: int, status_r: int) -> list[int]:
-        """What a new worker inherits but must close: the master's pipes, and the other
-        slots' reuse-port sockets (a copy kept open in the wrong worker would hold a dead
-        queue in the kernel's reuse-port group after its slot is gone)."""
+        """What a new worker inherits but must close: the master's pipes and the other
+        slots' reuse-port sockets."""
         fds = [
             self._wakeup.read_fd,
             self._wakeup.write_fd,
@@ -563,9 +628,7 @@ class Arbiter:
             self._selector.fileno(),
         ]
         fds.extend(w.status_fd for w in self.workers.values())
-        for slot, own in self._own_sockets.items():
-            if slot != nr:
-                fds.extend(sock.fileno() for sock in own if sock is not None)
+        fds.extend(self._slots.fds_except(nr))
         return fds
 
     def _not_yet(self, what: str) -> None:

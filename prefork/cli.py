@@ -20,7 +20,15 @@ from click.core import ParameterSource
 
 from . import listeners, log
 from .arbiter import Arbiter
-from .config import LIBRARY_SETTINGS, Config, env_var, flag_name
+from .config import (
+    LIBRARY_SETTINGS,
+    Config,
+    env_var,
+    find_config_file,
+    flag_name,
+    read_config_file,
+    to_toml,
+)
 from .errors import ConfigError, PreforkError
 from .mixin import PreForkMixIn
 from .process import Pidfile
@@ -89,8 +97,9 @@ def cli() -> None:
 @cli.command()
 @click.argument("target", metavar="MODULE:OBJECT")
 @config_options
+@click.option("--print-config", is_flag=True, help="Print the effective settings and exit.")
 @click.pass_context
-def run(ctx: click.Context, /, target: str, **options: Any) -> None:
+def run(ctx: click.Context, /, target: str, print_config: bool, **options: Any) -> None:
     """Serve MODULE:OBJECT, a socketserver.BaseRequestHandler subclass, until stopped.
 
     Signals to the master: TERM stops gracefully, INT and QUIT stop now, TTIN and TTOU
@@ -102,7 +111,10 @@ def run(ctx: click.Context, /, target: str, **options: Any) -> None:
     given = given_options(ctx, options)
     try:
         app = Target.parse(target)
-        config = Config(**given)
+        config = settings_from(given, started_in)
+        if print_config:
+            click.echo(to_toml(config), nl=False)
+            return
         specs = [listeners.parse_bind(text) for text in config.binds]
         if config.chdir:
             _chdir(config.chdir)
@@ -121,11 +133,14 @@ def run(ctx: click.Context, /, target: str, **options: Any) -> None:
     route.install()
     unblock_all()
     servers: list[Any] = []
+    arbiter: Arbiter | None = None
     pidfile = Pidfile(config.pid) if config.pid else None
     try:
         unlink = handover.unlink if handover else [""] * len(inherited)
-        for fd, path in zip(inherited, unlink, strict=True):
+        binds = handover.binds if handover else [""] * len(inherited)
+        for fd, path, bind in zip(inherited, unlink, binds, strict=True):
             servers.append(adopt_socket(fd, f"fd://{fd}", config, unlink=path))
+            servers[-1].prefork_bind = bind or None  # None: systemd's, never closed by us
         # Passed sockets replace the default address; binds the user named are added,
         # except after an upgrade, whose passed sockets are those very binds.
         if not handover and ("binds" in given or not inherited):
@@ -145,28 +160,56 @@ def run(ctx: click.Context, /, target: str, **options: Any) -> None:
             loader=None if config.preload else app.load,
             handover=handover,
             app_dir=os.getcwd(),
+            settings=CliSettings(given, started_in),
         )
         arbiter.run()
     except PreforkError as exc:
         raise StartupError(str(exc)) from None
     finally:
-        for server in servers:
+        # A HUP may have added binds, or left removed ones not yet closed.
+        every = servers if arbiter is None else [*arbiter.servers, *arbiter.retiring]
+        for server in {id(s): s for s in [*servers, *every]}.values():
             server.server_close()
         if pidfile:
             pidfile.remove()
         route.restore()
 
 
+def settings_from(given: dict[str, Any], cwd: str) -> Config:
+    """Command line and environment (``given``) over the config file over the defaults."""
+    found = find_config_file(given.get("config"), cwd)
+    if found is None:
+        return Config(**given)
+    path, table = found
+    return Config(**{**read_config_file(os.path.join(cwd, path), table), **given})
+
+
+class CliSettings:
+    """Re-reads the settings on HUP, the same way ``prefork run`` first read them."""
+
+    def __init__(self, given: dict[str, Any], cwd: str) -> None:
+        self.given, self.cwd = given, cwd
+
+    def read(self) -> Config:
+        return settings_from(self.given, self.cwd)
+
+    def open(self, bind: str, config: Config) -> Any:
+        return open_server(listeners.parse_bind(bind), config)
+
+
 def open_server(spec: listeners.BindSpec, config: Config) -> Any:
     """Bind one address with the server class its kind and the worker class call for."""
     if spec.kind == "fd":
-        return adopt_socket(spec.fd, spec.text, config)
-    base = listeners.base_server_class(spec.family, spec.stream)
-    cls = server_class(base, config.worker_class, spec.family)
-    try:
-        return cls(spec.address, None, **_library_settings(config))
-    except OSError as exc:
-        raise listeners.bind_error(spec.text, exc) from None
+        server = adopt_socket(spec.fd, spec.text, config)
+    else:
+        base = listeners.base_server_class(spec.family, spec.stream)
+        cls = server_class(base, config.worker_class, spec.family)
+        try:
+            server = cls(spec.address, None, **_library_settings(config))
+        except OSError as exc:
+            raise listeners.bind_error(spec.text, exc) from None
+    server.prefork_bind = spec.text  # how HUP tells which configured bind it serves
+    return server
 
 
 def adopt_socket(fd: int, text: str, config: Config, unlink: str = "") -> Any:

@@ -9,12 +9,19 @@ library accepts it.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
 from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10
+    import tomli as tomllib
 
 WorkerClass = Literal["sync", "thread", "fork"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -123,6 +130,13 @@ class Config:
     pid: str | None = setting(
         None, library=False, help="Write the master's PID to this file while it runs."
     )
+    config: str | None = setting(
+        None,
+        library=False,
+        default_text="[tool.prefork] in ./pyproject.toml, if any",
+        help="TOML file of settings, keyed by these options' long names with underscores "
+        "(workers = 4, bind = [...]). Read again on HUP.",
+    )
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(Config)
@@ -212,3 +226,87 @@ def _describe_default(default: Any) -> str:
     if isinstance(default, bool):
         return "on" if default else "off"
     return "none" if default is None else f"`{default}`"
+
+
+# Settings that a config file cannot set: where the file is, and nothing else.
+_NOT_IN_FILE = frozenset({"config"})
+
+
+def file_key(f: Any) -> str:
+    """A setting's key in a config file: its long option name with underscores."""
+    return flag_name(f).replace("-", "_")
+
+
+def read_config_file(path: str, table: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Settings by field name from a TOML file (inside ``table``, e.g. tool.prefork).
+
+    Every problem is one ConfigError line naming the file, the key and what was expected.
+    """
+    try:
+        with open(path, "rb") as stream:
+            data: Any = tomllib.load(stream)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    for name in table:
+        data = data.get(name, {})
+    by_key = {file_key(f): f for f in fields(Config) if f.name not in _NOT_IN_FILE}
+    hints = typing.get_type_hints(Config)
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        setting_field = by_key.get(key)
+        if setting_field is None:
+            raise ConfigError(f"{path}: unknown setting {key!r}")
+        hint = hints[setting_field.name]
+        if typing.get_origin(hint) is tuple:
+            value = (value,) if isinstance(value, str) else value
+            value = tuple(value) if isinstance(value, list) else value
+        try:
+            _check_type(key, value, hint)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        settings[setting_field.name] = value
+    try:
+        Config(**settings)  # ranges: "workers must be at least 1", naming the file
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return settings
+
+
+def find_config_file(given: str | None, cwd: str = ".") -> tuple[str, tuple[str, ...]] | None:
+    """The file to read and the table in it: --config, else ./pyproject.toml's [tool.prefork]."""
+    if given:
+        return given, ()
+    pyproject = os.path.join(cwd, "pyproject.toml")
+    if not os.path.exists(pyproject):
+        return None
+    try:
+        with open(pyproject, "rb") as f:
+            has_table = "prefork" in tomllib.load(f).get("tool", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return None  # not ours to complain about unless it has our table
+    return (pyproject, ("tool", "prefork")) if has_table else None
+
+
+def to_toml(config: Config) -> str:
+    """The effective settings as a config file would write them (--print-config)."""
+    lines = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name in _NOT_IN_FILE or value is None:
+            continue
+        if isinstance(value, tuple):
+            text = "[" + ", ".join(_toml_str(v) for v in value) + "]"
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = _toml_str(value)
+        else:
+            text = repr(value)
+        lines.append(f"{file_key(f)} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value)  # JSON's string escapes are TOML's basic-string escapes

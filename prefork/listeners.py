@@ -209,3 +209,66 @@ def describe_address(server: Any) -> str:
         address = address.decode("utf-8", "replace")
     kind = "unix" if server.socket.type == socket.SOCK_STREAM else "unix-dgram"
     return f"{kind}:@{address[1:]}" if address.startswith("\0") else f"{kind}:{address}"
+
+
+class SlotSockets:
+    """With --reuse-port: each worker slot's own sibling of each reuse-port socket.
+
+    The master opens and keeps them, so a replaced worker takes over its slot's queue
+    and nothing queued there is lost. Slot 1 uses the original sockets.
+    """
+
+    def __init__(self, backlog: int) -> None:
+        self.backlog = backlog
+        self._sockets: dict[tuple[int, int], socket.socket] = {}  # (slot, id(server))
+
+    def for_slot(self, nr: int, servers: list[Any]) -> list[socket.socket | None]:
+        """The sockets worker ``nr`` serves instead of the shared ones (None: shared)."""
+        own: list[socket.socket | None] = []
+        for server in servers:
+            if nr == 1 or not getattr(server, "_prefork_reuse_port", False):
+                own.append(None)
+                continue
+            key = (nr, id(server))
+            if key not in self._sockets:
+                self._sockets[key] = open_sibling(server.socket, self.backlog)
+            own.append(self._sockets[key])
+        return own
+
+    def fds_except(self, nr: int) -> list[int]:
+        """Other slots' sockets: a worker must close them (a copy kept open in the wrong
+        process would hold a dead queue in the kernel's reuse-port group)."""
+        return [sock.fileno() for (slot, _), sock in self._sockets.items() if slot != nr]
+
+    def close_slot(self, nr: int) -> None:
+        self._close(lambda slot, _: slot == nr)
+
+    def close_server(self, server: Any) -> None:
+        self._close(lambda _, server_id: server_id == id(server))
+
+    def close_all(self) -> None:
+        self._close(lambda _slot, _server: True)
+
+    def export(self, servers: list[Any]) -> dict[str, list[int]]:
+        """Descriptor numbers per slot, aligned with ``servers`` (-1: shared), for USR2."""
+        slots = {slot for slot, _ in self._sockets}
+        return {
+            str(nr): [
+                self._sockets[(nr, id(s))].fileno() if (nr, id(s)) in self._sockets else -1
+                for s in servers
+            ]
+            for nr in sorted(slots)
+        }
+
+    def adopt(self, exported: dict[str, list[int]], servers: list[Any]) -> None:
+        for nr, fds in exported.items():
+            for server, fd in zip(servers, fds, strict=True):
+                if fd >= 0:
+                    sock = socket.socket(fileno=fd)
+                    sock.set_inheritable(False)
+                    sock.setblocking(False)
+                    self._sockets[(int(nr), id(server))] = sock
+
+    def _close(self, which: Callable[[int, int], bool]) -> None:
+        for key in [k for k in self._sockets if which(*k)]:
+            self._sockets.pop(key).close()

@@ -90,6 +90,11 @@ class PreForkMixIn:
         if sock.type == socket.SOCK_STREAM:
             sock.listen(server.request_queue_size)
         server._prefork_tune_listener()
+        if server.prefork_config.reuse_port and listeners.reuse_port_supported(sock):
+            # Bound elsewhere (fd://, systemd, the image before a USR2): per-worker
+            # siblings are possible only if that binder set SO_REUSEPORT.
+            reuse = sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+            server._prefork_reuse_port = bool(reuse)
         return server
 
     # -- binding, in the master ------------------------------------------------------------

@@ -59,6 +59,7 @@ class Handover:
     # --reuse-port: each slot's own sockets (-1 where a server shares its socket), so
     # connections queued on them survive the upgrade
     slot_sockets: dict[str, list[int]] = field(default_factory=dict)
+    binds: list[str] = field(default_factory=list)  # per socket: the --bind it came from
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -144,3 +144,34 @@ def test_console_script_is_installed(app_dir: Path) -> None:
     assert script.exists(), "pip install should put a 'prefork' script beside python"
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=20)
     assert result.returncode == 0 and prefork.__version__ in result.stdout
+
+
+def test_config_file_precedence_cli_over_env_over_file(app_dir: Path) -> None:
+    (app_dir / "prefork.toml").write_text('workers = 3\nthreads = 7\nbind = "127.0.0.1:9"\n')
+    result = run_cli(
+        "run",
+        "apps:Echo",
+        "--config",
+        "prefork.toml",
+        "-w",
+        "5",
+        "--print-config",
+        cwd=app_dir,
+        env={"PREFORK_THREADS": "8"},
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "workers = 5" in lines  # command line beats the file
+    assert "threads = 8" in lines  # environment beats the file
+    assert 'bind = ["127.0.0.1:9"]' in lines  # the file beats the default
+    (app_dir / "pyproject.toml").write_text("[tool.prefork]\nmax_requests = 11\n")
+    found = run_cli("run", "apps:Echo", "--print-config", cwd=app_dir)
+    assert "max_requests = 11" in found.stdout.splitlines()
+
+
+def test_bad_config_file_is_one_line(app_dir: Path) -> None:
+    (app_dir / "bad.toml").write_text("wrokers = 2\n")
+    assert_one_line_error(
+        run_cli("run", "apps:Echo", "--config", "bad.toml", cwd=app_dir),
+        "bad.toml: unknown setting 'wrokers'",
+    )

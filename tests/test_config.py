@@ -12,7 +12,8 @@ from prefork.config import LIBRARY_SETTINGS, Config, env_var, flag_name
 
 
 def test_every_field_is_exactly_one_cli_option_with_its_env_var() -> None:
-    options = {p.name: p for p in run.params if p.name != "target"}
+    # Arguments and actions are not settings: MODULE:OBJECT, --print-config.
+    options = {p.name: p for p in run.params if p.name not in ("target", "print_config")}
     assert set(options) == {f.name for f in fields(Config)}
     for f in fields(Config):
         option = options[f.name]
@@ -59,3 +60,83 @@ def test_config_is_frozen() -> None:
     config = Config()
     with pytest.raises(AttributeError):
         config.workers = 3  # type: ignore[misc]
+
+
+# -- the config file --------------------------------------------------------------------
+from pathlib import Path  # noqa: E402
+
+from prefork.config import find_config_file, read_config_file, to_toml  # noqa: E402
+
+
+def write(tmp_path: Path, text: str, name: str = "prefork.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_file_keys_are_long_option_names(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'workers = 3\nbind = ["127.0.0.1:9000", "unix:/run/a.sock"]\n'
+        'worker_class = "thread"\ntimeout = 5\nreuse_port = true\n',
+    )
+    assert read_config_file(path) == {
+        "workers": 3,
+        "binds": ("127.0.0.1:9000", "unix:/run/a.sock"),
+        "worker_class": "thread",
+        "worker_timeout": 5,
+        "reuse_port": True,
+    }
+    assert read_config_file(write(tmp_path, 'bind = "udp://127.0.0.1:53"\n')) == {
+        "binds": ("udp://127.0.0.1:53",)
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("wrokers = 3\n", "unknown setting 'wrokers'"),
+        ("worker_timeout = 3\n", "unknown setting 'worker_timeout'"),  # the key is 'timeout'
+        ("config = 'x.toml'\n", "unknown setting 'config'"),
+        ('workers = "3"\n', "workers must be an integer, got '3'"),
+        ("workers = 0\n", "workers must be at least 1, got 0"),
+        ('worker_class = "gevent"\n', "worker_class must be one of"),
+        ("bind = [1]\n", "bind must be a tuple of a string"),
+        ("workers = [\n", "not valid TOML"),
+    ],
+)
+def test_config_file_errors_name_the_file_and_key(
+    tmp_path: Path, text: str, complaint: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(prefork.ConfigError) as caught:
+        read_config_file(path)
+    assert str(caught.value).startswith(f"{path}: ") and complaint in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(prefork.ConfigError, match="cannot read config file .*nope.toml"):
+        read_config_file(str(tmp_path / "nope.toml"))
+
+
+def test_pyproject_table_is_found_only_when_present(tmp_path: Path) -> None:
+    assert find_config_file(None, str(tmp_path)) is None
+    write(tmp_path, "[project]\nname = 'x'\n", "pyproject.toml")
+    assert find_config_file(None, str(tmp_path)) is None
+    path = write(tmp_path, "[tool.prefork]\nworkers = 5\n", "pyproject.toml")
+    assert find_config_file(None, str(tmp_path)) == (path, ("tool", "prefork"))
+    assert read_config_file(path, ("tool", "prefork")) == {"workers": 5}
+    assert find_config_file("given.toml", str(tmp_path)) == ("given.toml", ())
+
+
+def test_print_config_output_reads_back_as_the_same_settings(tmp_path: Path) -> None:
+    config = Config(
+        binds=("127.0.0.1:1", 'unix:/tmp/"q".sock'),
+        workers=3,
+        name="n\\x",
+        worker_timeout=2.5,
+        reuse_port=True,
+    )
+    path = write(tmp_path, to_toml(config))
+    assert Config(**read_config_file(path)) == config

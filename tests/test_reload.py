@@ -238,3 +238,67 @@ def test_reload_gives_up_on_a_worker_that_misses_the_boot_timeout(
     assert "retrying" not in server.log  # the killed new workers were not boot failures
     assert load.report.failures == []
     assert set(load.report.answers) == {b"v1"}
+
+
+def write_config(app_dir: Path, workers: int, *socks: Path, extra: str = "") -> None:
+    binds = ", ".join(f'"unix:{s}"' for s in socks)
+    (app_dir / "prefork.toml").write_text(f"workers = {workers}\nbind = [{binds}]\n{extra}")
+
+
+def test_hup_rereads_the_config_file_adding_and_removing_binds(serve, app_dir: Path):
+    write_app(app_dir, "v1")
+    a, b = app_dir / "a.sock", app_dir / "b.sock"
+    write_config(app_dir, 2, a)
+    server = serve("versioned:Stream", "--config", "prefork.toml", env=NO_PYC)
+    server.wait_ready(2)
+    with Load(str(a), "unix") as load:  # a stays served while b is added
+        load.wait_for_requests(50)
+        write_config(app_dir, 3, a, b)
+        reload_and_wait(server, signal.SIGHUP, 2)
+        wait_until(lambda: len(server.booted()) == 3)
+        load.wait_for_requests(50)
+    assert load.report.failures == []
+    with Load(str(b), "unix") as load:  # b stays served while a is removed
+        load.wait_for_requests(50)
+        write_config(app_dir, 3, b)
+        reload_and_wait(server, signal.SIGHUP, 3)
+        wait_until(lambda: not a.exists(), message="a.sock to be closed and removed")
+        load.wait_for_requests(50)
+    assert load.report.failures == []
+    assert f"closing unix:{a}: no longer configured" in server.log
+    with pytest.raises(OSError), socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(str(a))
+
+
+def test_hup_with_an_invalid_config_file_changes_nothing(serve, app_dir: Path):
+    write_app(app_dir, "v1")
+    a = app_dir / "a.sock"
+    write_config(app_dir, 2, a)
+    server = serve("versioned:Stream", "--config", "prefork.toml", env=NO_PYC)
+    workers = set(server.wait_ready(2))
+    with Load(str(a), "unix") as load:
+        write_config(app_dir, 0, a)
+        server.signal(signal.SIGHUP)
+        wait_until(lambda: "reload abandoned" in server.log)
+        load.wait_for_requests(50)
+    line = server.log.split("reload abandoned")[1].splitlines()[0]
+    assert "prefork.toml: workers must be at least 1, got 0" in line
+    assert set(server.worker_pids()) == workers and load.report.failures == []
+    write_config(app_dir, 2, a, extra='worker_class = "thread"\n')
+    reload_and_wait(server, signal.SIGHUP, 2)  # still a new generation, still sync workers
+    assert "worker_class changed; it takes effect at the next USR2 or restart" in server.log
+
+
+def test_usr2_applies_changed_binds(serve, app_dir: Path):
+    write_app(app_dir, "v1")
+    a, b = app_dir / "a.sock", app_dir / "b.sock"
+    write_config(app_dir, 2, a)
+    server = serve("versioned:Stream", "--config", "prefork.toml", env=NO_PYC)
+    server.wait_ready(2)
+    write_config(app_dir, 2, b)
+    write_app(app_dir, "v2")
+    reload_and_wait(server, signal.SIGUSR2, 2)
+    wait_until(lambda: not a.exists(), message="a.sock to be closed and removed")
+    with Load(str(b), "unix", clients=1, max_requests=5) as load:
+        load.wait_for_requests(5)
+    assert set(load.report.answers) == {b"v2"}
