@@ -1,0 +1,22 @@
+"""WorkerProcess: the master's record of one worker process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .heartbeat import Heartbeat
+
+
+@dataclass
+class WorkerProcess:
+    """The master's record of one worker."""
+
+    nr: int
+    pid: int
+    generation: int
+    status_fd: int
+    heartbeat: Heartbeat | None  # None: adopted across an upgrade, its page stayed behind
+    started: float
+    ready: bool = False
+    stop_sent: int = 0  # the signal we sent to stop it, if any
+    boot_error: str = ""
