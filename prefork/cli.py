@@ -136,6 +136,8 @@ def run(ctx: click.Context, /, target: str, print_config: bool, **options: Any) 
     arbiter: Arbiter | None = None
     pidfile = Pidfile(config.pid) if config.pid else None
     try:
+        if pidfile:
+            pidfile.check(os.getpid())  # before binding: a refused start binds nothing
         unlink = handover.unlink if handover else [""] * len(inherited)
         binds = handover.binds if handover else [""] * len(inherited)
         for fd, path, bind in zip(inherited, unlink, binds, strict=True):

@@ -6,6 +6,7 @@ import contextlib
 import os
 import tempfile
 
+import psutil
 import setproctitle
 
 from .errors import EXIT_BOOT_ERROR, EXIT_IMPORT_ERROR, ConfigError
@@ -35,7 +36,18 @@ class Pidfile:
         self.path = os.path.abspath(path)
         self._written = False
 
+    def check(self, pid: int) -> None:
+        """Refuse if the file names another live prefork master (a stale one is fine)."""
+        other = self.running_master()
+        if other is not None and other != pid:
+            raise ConfigError(
+                f"pid file {self.path} belongs to a running prefork master "
+                f"(pid {other}); stop it first or choose another --pid"
+            )
+
     def write(self, pid: int) -> None:
+        """Write ``pid`` atomically, after checking no other master owns the file."""
+        self.check(pid)
         directory = os.path.dirname(self.path)
         try:
             fd, tmp = tempfile.mkstemp(prefix=".prefork-pid-", dir=directory)
@@ -51,6 +63,17 @@ class Pidfile:
                 os.unlink(tmp)
             raise
         self._written = True
+
+    def running_master(self) -> int | None:
+        """The PID in the file, if that process is alive and a prefork master; else None
+        (no file, garbage, a dead PID, or a PID reused by something else: stale)."""
+        try:
+            with open(self.path) as f:
+                pid = int(f.read().strip())
+            title = psutil.Process(pid).cmdline()
+        except (OSError, ValueError, psutil.Error):
+            return None
+        return pid if title and title[0].startswith("prefork: master") else None
 
     def remove(self) -> None:
         if self._written:

@@ -175,3 +175,20 @@ def test_bad_config_file_is_one_line(app_dir: Path) -> None:
         run_cli("run", "apps:Echo", "--config", "bad.toml", cwd=app_dir),
         "bad.toml: unknown setting 'wrokers'",
     )
+
+
+def test_pid_file_of_a_running_master_is_refused_and_a_stale_one_replaced(
+    serve, listener, app_dir: Path
+) -> None:
+    server = serve("apps:Echo", "-w", "1", "--pid", "app.pid", listen_on=listener)
+    server.wait_ready(1)
+    result = run_cli("run", "apps:Echo", "--pid", "app.pid", "-b", "unix:second.sock", cwd=app_dir)
+    assert_one_line_error(
+        result, "app.pid belongs to a running prefork master", f"(pid {server.pid})"
+    )
+    assert (app_dir / "app.pid").read_text() == f"{server.pid}\n"  # untouched
+    assert not (app_dir / "second.sock").exists()
+    (app_dir / "stale.pid").write_text("999999999\n")  # no such process
+    stale = serve("apps:Echo", "-w", "1", "--pid", "stale.pid", "-b", "unix:third.sock")
+    stale.wait_ready(1)
+    assert (app_dir / "stale.pid").read_text() == f"{stale.pid}\n"
