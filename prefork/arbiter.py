@@ -37,12 +37,13 @@ from .upgrade import Handover, Upgrader
 from .version import __version__
 from .worker_process import WorkerProcess
 from .workers import make_worker, worker_model
-from .workers.base import BOOT_ERROR, READY, Loader, WorkerSpec
+from .workers.base import BOOT_ERROR, READY, STACK_DUMP_SIGNAL, Loader, WorkerSpec
 
 log = logging.getLogger("prefork.arbiter")
 
 SHUTDOWN_CALLED = -1  # queued like a signal by shutdown() from another thread
 QUICK_STOP_GRACE = 1.0  # seconds a quick-stopped worker gets before SIGKILL
+STACK_DUMP_GRACE = 0.5  # seconds between asking a stuck worker for its stack and SIGKILL
 BACKOFF_START, BACKOFF_CAP = 0.1, 10.0  # retry delays of a slot whose worker fails to boot
 
 
@@ -272,22 +273,15 @@ class Arbiter(Reloads):
             deadline = self._deadline(worker)
             if deadline is None or now < deadline:
                 continue
-            if worker.ready:
-                log.error(
-                    "worker %d (pid %d) went %gs without a heartbeat; killing it",
-                    worker.nr,
-                    worker.pid,
-                    self.config.worker_timeout,
-                )
-            else:
+            if worker.kill_at is not None:  # its stack is in the log by now
+                self._signal(worker, signal.SIGKILL)
+                continue
+            if not worker.ready:
                 worker.boot_error = f"not ready within {self.config.boot_timeout:g}s"
-                log.error(
-                    "worker %d (pid %d) was %s; killing it",
-                    worker.nr,
-                    worker.pid,
-                    worker.boot_error,
-                )
-            self._signal(worker, signal.SIGKILL)
+            log.error("%s; dumping its stack, then killing it", self._why_stuck(worker))
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, STACK_DUMP_SIGNAL)
+            worker.kill_at = now + STACK_DUMP_GRACE
 
     def resize(self, delta: int) -> None:
         """TTIN/TTOU: one worker more or less, never fewer than one."""
@@ -376,10 +370,26 @@ class Arbiter(Reloads):
         elif data.startswith(BOOT_ERROR):
             worker.boot_error = data[1:].decode("utf-8", "replace")
 
+    def _why_stuck(self, worker: WorkerProcess) -> str:
+        """One line naming the slot, the PID and what it was stuck on."""
+        who = f"worker {worker.nr} (pid {worker.pid})"
+        if not worker.ready or worker.heartbeat is None:
+            return f"{who} was {worker.boot_error}"
+        current = worker.heartbeat.current_request()
+        if current is None:
+            return f"{who} timed out: its loop has not run for {self.config.worker_timeout:g}s"
+        seconds, client = current
+        return (
+            f"{who} timed out: its request from {client} has run {seconds:.1f}s "
+            f"(--timeout {self.config.worker_timeout:g})"
+        )
+
     def _deadline(self, worker: WorkerProcess) -> float | None:
         """When this worker will be overdue: heartbeat when ready, boot otherwise."""
         if worker.stop_sent or worker.heartbeat is None:
             return None
+        if worker.kill_at is not None:
+            return worker.kill_at
         if worker.ready:
             timeout = self.config.worker_timeout
             return worker.heartbeat.last() + timeout if timeout else None

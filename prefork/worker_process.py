@@ -20,3 +20,4 @@ class WorkerProcess:
     ready: bool = False
     stop_sent: int = 0  # the signal we sent to stop it, if any
     boot_error: str = ""
+    kill_at: float | None = None  # stuck: its stack was asked for; SIGKILL at this time

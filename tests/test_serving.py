@@ -86,19 +86,27 @@ def test_max_requests_replaces_the_worker(serve, listener):
     assert "served 3 requests; retiring" in server.log
 
 
-def test_stuck_worker_is_killed_after_the_timeout(serve, listener):
-    server = serve("apps:Slow", "-w", "1", "--timeout", "1", listen_on=listener)
+def test_hung_handler_is_killed_after_the_timeout_with_its_stack_and_client(serve, listener):
+    server = serve("apps:Slow", "-w", "1", "--timeout", "2", listen_on=listener)
     stuck = server.wait_ready(1)[0]
     with socket.create_connection(listener.getsockname(), timeout=10) as conn:
+        host, port = conn.getsockname()
+        client = f"{host}:{port}"
         conn.sendall(b"60\n")
         assert conn.recv(8) == b"started\n"
         wait_until(
             lambda: (b := server.booted()) and b[0] != stuck,
-            timeout=5,
+            timeout=6,
             message=lambda: f"a replacement; log:\n{server.log}",
         )
         assert conn.recv(8) == b""  # the stuck request's connection died with its worker
-    assert "without a heartbeat; killing it" in server.log
+    log = server.log
+    assert f"worker 1 (pid {stuck}) timed out: its request from {client} has run 2." in log
+    assert "dumping its stack, then killing it" in log
+    dump = log.split("dumping its stack")[1]
+    assert "most recent call first" in dump and "in handle" in dump  # faulthandler's dump
+    assert "apps.py" in dump
+    assert f"worker 1 (pid {stuck}) killed by SIGKILL" in log
 
 
 def test_reuse_port_gives_each_worker_its_own_socket(serve):

@@ -14,6 +14,7 @@ now. The master's death (EOF on its pipe) also means exit now.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import selectors
@@ -36,7 +37,10 @@ log = logging.getLogger("prefork.worker")
 
 Loader = Callable[[], type[socketserver.BaseRequestHandler]]
 # Signals a worker ignores: the master's business (HUP, TTIN...), or a terminal's.
-_IGNORED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+_IGNORED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU)
+# The master sends this before killing a stuck worker: faulthandler (a C-level handler,
+# which runs even while Python code is stuck) writes every thread's stack to stderr.
+STACK_DUMP_SIGNAL = signal.SIGUSR2
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT)
 
 READY = b"R"
@@ -110,6 +114,7 @@ class Worker:
         for signum in _IGNORED:
             signal.signal(signum, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True)
         signals.unblock_all()  # the master blocked them around fork()
         set_title(f"prefork: worker {spec.nr} [{spec.name}]")
         if spec.loader is not None:
@@ -155,6 +160,8 @@ class Worker:
         except OSError:
             return  # BlockingIOError: a sibling won the accept/recvfrom race
         self.requests += 1
+        heartbeat = self.spec.heartbeat
+        heartbeat.request_started(client_address, self.requests)
         if self._timed and server in self._timed:
             self._timed[server] = time.monotonic()
         if server.verify_request(request, client_address):
@@ -168,6 +175,7 @@ class Worker:
                 raise
         else:
             server.shutdown_request(request)
+        heartbeat.request_finished(self.requests)
         if self.requests == self.spec.max_requests:
             log.info(
                 "worker %d (pid %d) served %d requests; retiring",
