@@ -303,6 +303,8 @@ class Arbiter(Reloads):
         log.info("stopping %s (%d workers)", how, len(self.workers))
         self.notify.stopping(f"stopping {how}")
         for worker in self.workers.values():
+            if graceful and worker.heartbeat:
+                worker.heartbeat.request_drain()
             self._signal(worker, self._stopping)
 
     # -- reload -----------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ stuck workers and to say what they were stuck on. No file, so no slow disk can f
 timeout.
 
 Layout: beat (double), request start (double; 0 = idle), requests served (uint64),
-client length (uint16), client address (UTF-8, at most CLIENT_MAX bytes).
+client length (uint16), client address (UTF-8, at most CLIENT_MAX bytes), and one byte
+the master writes: 1 = on TERM, drain the kernel's queue before leaving.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ _REQUEST = struct.Struct("dQH")  # at offset 8
 _REQUEST_OFFSET = 8
 _CLIENT_OFFSET = _REQUEST_OFFSET + _REQUEST.size
 CLIENT_MAX = 200
+_DRAIN_OFFSET = _CLIENT_OFFSET + CLIENT_MAX  # one byte the master sets before a final stop
 
 
 def describe_client(client_address: object) -> str:
@@ -61,6 +63,13 @@ class Heartbeat:
             return None
         client = self._map[_CLIENT_OFFSET : _CLIENT_OFFSET + length].decode("utf-8", "replace")
         return time.monotonic() - started, client
+
+    def request_drain(self) -> None:
+        """Master: the next TERM is the final stop, so serve what is queued first."""
+        self._map[_DRAIN_OFFSET] = 1
+
+    def drain_requested(self) -> bool:
+        return self._map[_DRAIN_OFFSET] == 1
 
     def requests_served(self) -> int:
         return int(_REQUEST.unpack_from(self._map, _REQUEST_OFFSET)[1])

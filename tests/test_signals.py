@@ -165,3 +165,37 @@ def test_environment_sets_options_and_the_command_line_wins(serve, listener):
     by_cli = serve("apps:Echo", "-w", "1", env=env, listen_on=listener)
     by_cli.wait_ready(1)
     wait_until(lambda: "with 1 sync workers" in by_cli.log)
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "thread"])
+def test_term_serves_connections_already_queued_in_the_backlog(
+    serve, app_dir: Path, worker_class: str
+):
+    # The server binds the socket itself: when it exits, anything still queued in the
+    # kernel would be reset, so every answer below proves the queue was drained.
+    path = app_dir / "drain.sock"
+    server = serve(
+        "apps:Slow", "-w", "1", "-k", worker_class, "--threads", "1", "-b", f"unix:{path}"
+    )
+    server.wait_ready(1)
+    first = slow_request(str(path), 0.3)  # the worker is busy with this one
+    queued: list[socket.socket] = []
+    try:
+        for _ in range(8):  # these wait in the listen backlog
+            queued.append(socket.socket(socket.AF_UNIX))
+            queued[-1].settimeout(30)
+            queued[-1].connect(str(path))
+            queued[-1].sendall(b"0.05\n")
+        server.signal(signal.SIGTERM)
+        answers = [first.recv(16)]
+        for conn in queued:
+            try:
+                answers.append(conn.makefile("rb").read())
+            except ConnectionResetError:
+                answers.append(b"reset")
+    finally:
+        for conn in [first, *queued]:
+            conn.close()
+    assert answers[0] == b"done\n"
+    assert answers[1:] == [b"started\ndone\n"] * 8
+    assert server.wait_exit() == 0

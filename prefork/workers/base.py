@@ -76,6 +76,7 @@ class Worker:
         self.servers = spec.servers
         self.requests = 0
         self.alive = True  # False: stop accepting, finish what was accepted
+        self.draining = False  # final stop: serve what the kernel has queued, then stop
         self.wakeup = signals.Wakeup()
         self.selector = selectors.DefaultSelector()
         self._accepting = False
@@ -149,16 +150,22 @@ class Worker:
                 server.service_actions()
             if self._timed:
                 self._handle_timeouts()
-            if not self._accepting and self.alive and self.has_capacity():
+            if self.draining:
+                self._drain_backlog()
+            elif not self._accepting and self.alive and self.has_capacity():
                 self.resume_accepting()
         return EXIT_OK
 
-    def serve_one(self, server: Any) -> None:
-        """Accept one request from ``server`` and hand it on, as BaseServer does."""
+    def serve_one(self, server: Any) -> bool:
+        """Accept one request from ``server`` and hand it on, as BaseServer does.
+
+        False when there was nothing to accept (a sibling won the race, or the queue is
+        empty).
+        """
         try:
             request, client_address = server.get_request()
         except OSError:
-            return  # BlockingIOError: a sibling won the accept/recvfrom race
+            return False  # BlockingIOError: a sibling won the accept/recvfrom race
         self.requests += 1
         heartbeat = self.spec.heartbeat
         heartbeat.request_started(client_address, self.requests)
@@ -186,6 +193,7 @@ class Worker:
             self.stop_accepting()
         elif not self.has_capacity():
             self.pause_accepting()
+        return True
 
     def process(self, server: Any, request: Any, client_address: Any) -> None:
         server.process_request(request, client_address)
@@ -224,10 +232,29 @@ class Worker:
         self.wakeup.drain()
         while self.wakeup.pending:
             signum = self.wakeup.pending.popleft()
-            if signum == signal.SIGTERM:
-                self.stop_accepting()
+            if signum == signal.SIGTERM and self.spec.heartbeat.drain_requested():
+                self.draining = True  # the final stop: leave nothing queued to be reset
+            elif signum == signal.SIGTERM:
+                self.stop_accepting()  # retired: siblings serve the queue
             elif signum in (signal.SIGQUIT, signal.SIGINT):
                 self.quit_now()
+
+    def _drain_backlog(self) -> None:
+        """Serve what the kernel already queued; stop accepting once every queue is empty.
+
+        At its capacity a thread or fork worker comes back on a later turn.
+        """
+        emptied = True
+        for server in self.servers:
+            while self.draining:
+                if not self.has_capacity():
+                    emptied = False
+                    break
+                if not self.serve_one(server):
+                    break  # EAGAIN: this socket's queue is empty
+        if emptied and self.draining:
+            self.draining = False
+            self.stop_accepting()
 
     def _on_master_gone(self) -> None:
         log.warning("worker %d (pid %d): the master is gone; exiting", self.spec.nr, os.getpid())
