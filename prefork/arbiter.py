@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import selectors
 import signal
 import time
@@ -31,13 +32,14 @@ from .errors import EXIT_BOOT_ERROR, BootError
 from .heartbeat import Heartbeat
 from .listeners import describe_address
 from .process import describe_exit, get_title, set_title
+from .recycle import Recycler
 from .reload import Reconfigurer, Reloads
 from .systemd import Notifier
 from .upgrade import Handover, Upgrader
 from .version import __version__
 from .worker_process import WorkerProcess
 from .workers import make_worker, worker_model
-from .workers.base import BOOT_ERROR, READY, STACK_DUMP_SIGNAL, Loader, WorkerSpec
+from .workers.base import BOOT_ERROR, READY, RETIRE, STACK_DUMP_SIGNAL, Loader, WorkerSpec
 
 log = logging.getLogger("prefork.arbiter")
 
@@ -86,6 +88,11 @@ class Arbiter(Reloads):
         self._boot_error: str | None = None
         self._backoff: dict[int, tuple[float, float]] = {}  # slot -> (delay, not before)
         self._slots = listeners.SlotSockets(config.backlog)
+        self._recycler = Recycler(
+            spawn=self.spawn_worker,
+            retire=partial(self._signal, signum=signal.SIGTERM),
+            may_start=lambda nr: self._backoff.get(nr, (0.0, 0.0))[1] <= time.monotonic(),
+        )
         self._master_r = self._master_w = -1
         self._poll_interval = 0.5
         self._next_watchdog = 0.0
@@ -170,6 +177,8 @@ class Arbiter(Reloads):
         )
         if self.notify.watchdog_interval:
             deadlines.append(self._next_watchdog)
+        if self.config.max_rss:
+            deadlines.append(self._recycler.next_memory_check)
         if not self._route.installed:  # no SIGCHLD: a status-pipe EOF may come late
             deadlines.append(now + self._poll_interval)
         return max(0.0, min(deadlines) - now) if deadlines else None
@@ -197,6 +206,11 @@ class Arbiter(Reloads):
                 self._slots.close_server(server)
                 server.server_close()
             self.retiring = []
+        if self.reloading is None:  # a reload replaces every worker anyway
+            if self.config.max_rss and time.monotonic() >= self._recycler.next_memory_check:
+                current = {p: w for p, w in self.workers.items() if w.generation == self.generation}
+                self._recycler.check_memory(current, self.config.max_rss)
+            self._recycler.step(self.workers, self.generation)
         if self.notify.watchdog_interval and time.monotonic() >= self._next_watchdog:
             self.notify.watchdog()
             self._next_watchdog = time.monotonic() + self.notify.watchdog_interval
@@ -213,7 +227,7 @@ class Arbiter(Reloads):
                 if nr not in busy and self._backoff.get(nr, (0.0, 0.0))[1] <= now:
                     self.spawn_worker(nr, generation)
 
-    def spawn_worker(self, nr: int, generation: int) -> None:
+    def spawn_worker(self, nr: int, generation: int) -> WorkerProcess | None:
         heartbeat = Heartbeat()
         status_r, status_w = os.pipe()
         spec = WorkerSpec(
@@ -225,7 +239,8 @@ class Arbiter(Reloads):
             status_fd=status_w,
             master_fd=self._master_r,
             poll_interval=self._poll_interval,
-            max_requests=self.config.max_requests,
+            max_requests=self.config.max_requests
+            and self.config.max_requests + random.randint(0, self.config.max_requests_jitter),
             name=self.name,
             loader=self.loader,
             inherited_fds=self._fds_not_for_worker(nr, status_r),
@@ -243,12 +258,13 @@ class Arbiter(Reloads):
                 os.close(fd)
             heartbeat.close()
             self._back_off(nr, f"cannot fork worker {nr}: {exc.strerror}")
-            return
+            return None
         os.close(status_w)
         worker = WorkerProcess(nr, pid, generation, status_r, heartbeat, time.monotonic())
         self.workers[pid] = worker
         self._selector.register(status_r, selectors.EVENT_READ, worker)
         log.debug("spawned worker %d (pid %d, generation %d)", nr, pid, generation)
+        return worker
 
     def reap_workers(self) -> None:
         """Collect exited workers. Only our own pids: the host program may own other children."""
@@ -363,14 +379,18 @@ class Arbiter(Reloads):
             with contextlib.suppress(KeyError):
                 self._selector.unregister(worker.status_fd)
             return
-        if data.startswith(READY) and not worker.ready:
+        if data.startswith(BOOT_ERROR):
+            worker.boot_error = data[1:].decode("utf-8", "replace")
+            return
+        if READY in data and not worker.ready:
             worker.ready = self._ever_ready = True
             self._backoff.pop(worker.nr, None)
             if worker.heartbeat:
                 worker.heartbeat.beat()
             log.info("worker %d (pid %d) booted", worker.nr, worker.pid)
-        elif data.startswith(BOOT_ERROR):
-            worker.boot_error = data[1:].decode("utf-8", "replace")
+        if RETIRE in data and not worker.stop_sent:
+            served = worker.heartbeat.requests_served() if worker.heartbeat else 0
+            self._recycler.request(worker, f"served {served} requests")
 
     def _why_stuck(self, worker: WorkerProcess) -> str:
         """One line naming the slot, the PID and what it was stuck on."""

@@ -110,7 +110,19 @@ class Config:
         "is killed (and a reload using it abandoned); 0 turns it off.",
     )
     max_requests: int = setting(
-        0, help="Requests a worker serves before it is replaced; 0 means never."
+        0,
+        help="Requests a worker serves before it is replaced (its successor starts first, "
+        "one slot at a time); 0 means never.",
+    )
+    max_requests_jitter: int = setting(
+        0,
+        help="Add a random 0..N to --max-requests for each worker, so that workers "
+        "started together do not all retire together.",
+    )
+    max_rss: int = setting(
+        0,
+        help="Recycle a worker whose resident memory exceeds this many MB (checked every "
+        "second); 0 means never.",
     )
     name: str | None = setting(
         None,
@@ -146,6 +158,8 @@ class Config:
         _check_at_least("threads", self.threads, 1)
         _check_at_least("backlog", self.backlog, 1)
         _check_at_least("max_requests", self.max_requests, 0)
+        _check_at_least("max_requests_jitter", self.max_requests_jitter, 0)
+        _check_at_least("max_rss", self.max_rss, 0)
         _check_at_least("graceful_timeout", self.graceful_timeout, 0)
         _check_at_least("worker_timeout", self.worker_timeout, 0)
         _check_at_least("boot_timeout", self.boot_timeout, 0)

@@ -76,14 +76,19 @@ def test_stale_unix_socket_file_is_replaced(serve, app_dir: Path):
     assert echo_line(str(path), b"fresh") == b"fresh"
 
 
-def test_max_requests_replaces_the_worker(serve, listener):
+def test_max_requests_starts_the_successor_before_retiring_the_worker(serve, listener):
     server = serve("apps:Pid", "-w", "1", "--max-requests", "3", listen_on=listener)
     first = server.wait_ready(1)[0]
     answers = [int(echo_line(listener.getsockname())) for _ in range(3)]
     assert answers == [first] * 3
     wait_until(lambda: (b := server.booted()) and b[0] != first, message="a fresh worker")
-    assert int(echo_line(listener.getsockname())) != first
-    assert "served 3 requests; retiring" in server.log
+    successor = server.booted()[0]
+    assert int(echo_line(listener.getsockname())) == successor
+    log = server.log
+    assert f"worker 1 (pid {first}) served 3 requests; it will be replaced" in log
+    # The order that keeps capacity: successor booted, then the old one retired.
+    booted = log.index(f"worker 1 (pid {successor}) booted")
+    assert booted < log.index(f"worker 1 (pid {first}) replaced by pid {successor}")
 
 
 def test_hung_handler_is_killed_after_the_timeout_with_its_stack_and_client(serve, listener):

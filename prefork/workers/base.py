@@ -43,8 +43,9 @@ _IGNORED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU)
 STACK_DUMP_SIGNAL = signal.SIGUSR2
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT)
 
-READY = b"R"
-BOOT_ERROR = b"E"
+READY = b"R"  # status pipe: booted, accepting
+RETIRE = b"M"  # status pipe: served --max-requests, please start my successor
+BOOT_ERROR = b"E"  # status pipe: followed by a one-line cause, then the worker exits
 
 
 @dataclass
@@ -59,7 +60,7 @@ class WorkerSpec:
     status_fd: int  # write end: READY, or BOOT_ERROR + message; EOF when we are gone
     master_fd: int  # read end of a pipe only the master writes to: EOF = master died
     poll_interval: float
-    max_requests: int
+    max_requests: int  # with its jitter drawn; 0: never ask to be recycled
     name: str
     loader: Loader | None = None
     inherited_fds: list[int] = field(default_factory=list)  # the master's, closed at boot
@@ -184,14 +185,10 @@ class Worker:
             server.shutdown_request(request)
         heartbeat.request_finished(self.requests)
         if self.requests == self.spec.max_requests:
-            log.info(
-                "worker %d (pid %d) served %d requests; retiring",
-                self.spec.nr,
-                os.getpid(),
-                self.requests,
-            )
-            self.stop_accepting()
-        elif not self.has_capacity():
+            # Ask for a successor and keep serving: the master retires us once it is ready.
+            with contextlib.suppress(OSError):
+                os.write(self.spec.status_fd, RETIRE)
+        if not self.has_capacity():
             self.pause_accepting()
         return True
 
