@@ -40,7 +40,11 @@ class Load:
         max_requests: int = 200_000,
         max_seconds: float = 60.0,
         timeout: float = 5.0,
+        echo: bool = False,
     ) -> None:
+        """``echo``: the server answers each line with the same line; anything else is a
+        wrong answer (counted apart from connection errors)."""
+        self.echo = echo
         self.address, self.kind, self.timeout = address, kind, timeout
         self.report = LoadReport()
         self._clients = clients
@@ -80,6 +84,8 @@ class Load:
             try:
                 answer = self._request(payload, n)
                 error = None if answer else "empty answer"
+                if answer and self.echo and answer != payload:
+                    error = f"wrong answer {answer!r} to {payload!r}"
             except OSError as exc:
                 answer, error = b"", f"{type(exc).__name__}: {exc}"
             latency = time.monotonic() - started
@@ -88,8 +94,8 @@ class Load:
                 self.report.max_latency = max(self.report.max_latency, latency)
                 if error:
                     self.report.failures.append(error)
-                else:
-                    self.report.answers[answer] += 1
+                else:  # echoed payloads are all different: count them as one answer
+                    self.report.answers[b"echoed" if self.echo else answer] += 1
 
     def _request(self, payload: bytes, n: int) -> bytes:
         if self.kind == "udp":
