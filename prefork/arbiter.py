@@ -242,6 +242,7 @@ class Arbiter(Reloads):
             max_requests=self.config.max_requests
             and self.config.max_requests + random.randint(0, self.config.max_requests_jitter),
             name=self.name,
+            request_timeout=self.config.worker_timeout,
             loader=self.loader,
             inherited_fds=self._fds_not_for_worker(nr, status_r),
         )

@@ -101,8 +101,9 @@ class Config:
     worker_timeout: float = setting(
         30.0,
         flag="timeout",
-        help="Seconds a worker may go without a heartbeat (a stuck loop, or a sync "
-        "worker stuck in one request) before it is killed and replaced; 0 turns it off.",
+        help="Seconds a worker may go without a heartbeat (a stuck loop, or a sync worker "
+        "stuck in one request) before its stack is logged and it is killed and replaced; a "
+        "fork worker's connection child running longer is killed alone. 0 turns it off.",
     )
     boot_timeout: float = setting(
         30.0,

@@ -9,6 +9,7 @@ import os
 import random
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -149,3 +150,24 @@ def test_300_respawns_leave_the_masters_descriptors_and_memory_flat(serve, liste
     assert rss_after - rss < 2 * 2**20
     zombies = [p for p in master.children() if p.status() == psutil.STATUS_ZOMBIE]
     assert zombies == []
+
+
+def test_fork_worker_kills_a_slow_connection_child_but_not_itself(serve, listener):
+    server = serve("apps:Slow", "-w", "1", "-k", "fork", "--timeout", "1", listen_on=listener)
+    (worker,) = server.wait_ready(1)
+    with socket.create_connection(listener.getsockname(), timeout=10) as slow:
+        host, port = slow.getsockname()
+        slow.sendall(b"60\n")
+        assert slow.recv(8) == b"started\n"
+        started = time.monotonic()
+        assert slow.recv(8) == b""  # its child was killed: this connection only
+        assert time.monotonic() - started < 5
+    with socket.create_connection(listener.getsockname(), timeout=10) as quick:
+        quick.sendall(b"0\n")
+        assert quick.makefile("rb").read() == b"started\ndone\n"  # the worker serves on
+    assert server.booted() == [worker]
+    assert re.search(
+        rf"connection child \(pid \d+\) serving {host}:{port} ran 1\.\d+s, "
+        r"over --timeout 1; killing it",
+        server.log,
+    )

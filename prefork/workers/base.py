@@ -62,6 +62,7 @@ class WorkerSpec:
     poll_interval: float
     max_requests: int  # with its jitter drawn; 0: never ask to be recycled
     name: str
+    request_timeout: float = 0.0  # fork workers: kill a connection child running longer
     loader: Loader | None = None
     inherited_fds: list[int] = field(default_factory=list)  # the master's, closed at boot
 
@@ -151,6 +152,7 @@ class Worker:
                 server.service_actions()
             if self._timed:
                 self._handle_timeouts()
+            self.tick()
             if self.draining:
                 self._drain_backlog()
             elif not self._accepting and self.alive and self.has_capacity():
@@ -198,6 +200,9 @@ class Worker:
     # -- capacity and draining; overridden by thread and fork workers --------------------
     def has_capacity(self) -> bool:
         return True
+
+    def tick(self) -> None:
+        """Once per loop turn, after the requests of that turn."""
 
     def is_idle(self) -> bool:
         return True

@@ -14,16 +14,54 @@ import ctypes.util
 import os
 import signal
 import sys
-from typing import NoReturn
+import time
+from typing import Any, NoReturn
 
 from ..errors import EXIT_OK
+from ..heartbeat import describe_client
 from ..process import set_title
-from .base import Worker
+from .base import Worker, WorkerSpec, log
 
 _PR_SET_PDEATHSIG = 1
 
 
 class ForkWorker(Worker):
+    def __init__(self, spec: WorkerSpec) -> None:
+        super().__init__(spec)
+        self._children: dict[int, tuple[float, str]] = {}  # pid -> (started, client)
+
+    def process(self, server: Any, request: Any, client_address: Any) -> None:
+        before = set(server.active_children or ())
+        server.process_request(request, client_address)  # forks the connection child
+        if self.spec.request_timeout:
+            started, client = time.monotonic(), describe_client(client_address)
+            for pid in set(server.active_children or ()) - before:
+                self._children[pid] = (started, client)
+
+    def tick(self) -> None:
+        """--timeout for slow handlers: a connection child running longer is killed, and
+        only its own connection is lost (the worker and its other children go on)."""
+        if not self._children:
+            return
+        now, timeout = time.monotonic(), self.spec.request_timeout
+        running = set().union(*(s.active_children or () for s in self.servers))
+        for pid, (started, client) in list(self._children.items()):
+            if pid not in running:
+                del self._children[pid]
+            elif now - started > timeout:
+                log.error(
+                    "worker %d: connection child (pid %d) serving %s ran %.1fs, over "
+                    "--timeout %g; killing it",
+                    self.spec.nr,
+                    pid,
+                    client,
+                    now - started,
+                    timeout,
+                )
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                del self._children[pid]
+
     def boot(self) -> None:
         super().boot()
         signal.signal(signal.SIGCHLD, self.wakeup.handler)
