@@ -194,9 +194,12 @@ def test_usr2_with_a_broken_module_changes_nothing(serve, bound, request, app_di
 def test_hup_with_preload_delivers_new_code(serve, bound, request, app_dir: Path):
     write_app(app_dir, "v1")
     server = start(serve, bound, request, "--preload")
+    before = set(server.booted())
     write_app(app_dir, "v2")
     reload_and_wait(server, signal.SIGHUP, 2)
     assert "reloading by re-executing it" in server.log
+    # Retired workers may take a connection or two before they act on their TERM.
+    wait_until(lambda: before.isdisjoint(server.worker_pids()), message="the old workers")
     with Load(bound[2], bound[0], clients=1, max_requests=10) as load:
         load.wait_for_requests(10)
     assert set(load.report.answers) == {b"v2"}
