@@ -37,7 +37,8 @@ class PreForkMixIn:
     Class attributes, also keyword-only constructor arguments (see ``prefork.Config``):
     ``workers`` (CPU count), ``threads`` (16; per thread worker), ``backlog`` (2048),
     ``reuse_port`` (False), ``tcp_nodelay`` (True), ``graceful_timeout`` (30 s),
-    ``worker_timeout`` (30 s; 0 = off), ``max_requests`` (0 = never), ``name`` (None:
+    ``worker_timeout`` (30 s; 0 = off), ``boot_timeout`` (30 s), ``max_requests`` (0 =
+    never), ``max_requests_jitter`` (0), ``max_rss`` (MB; 0 = never), ``name`` (None:
     the handler's ``module:qualname``). They are read when the server is constructed.
 
     May be overridden, as in socketserver, and run in each worker: ``verify_request``,

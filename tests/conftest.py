@@ -171,8 +171,9 @@ class CliServer:
 
     def booted(self) -> list[int]:
         """PIDs of workers whose boot the master logged, still running."""
+        running = set(self.worker_pids())  # once: the log grows with every respawn
         pids = [int(p) for p in re.findall(r"worker \d+ \(pid (\d+)\) booted", self.log)]
-        return [p for p in pids if is_running(p) and p in self.worker_pids()]
+        return [p for p in pids if p in running]
 
     def worker_pids(self) -> list[int]:
         try:
