@@ -300,3 +300,29 @@ def test_serve_forever_in_main_thread_stops_on_sigterm_and_restores_handlers() -
         sender.join(5)
     assert signal.getsignal(signal.SIGTERM) == previous
     assert living_descendants() == []
+
+
+def test_hup_under_the_library_replaces_every_worker() -> None:
+    with prefork.PreForkTCPServer(("127.0.0.1", 0), Pid, workers=2) as server:
+        seen: dict[str, set[int]] = {}
+
+        def hup_then_term() -> None:
+            wait_until(lambda: len(workers_of()) == 2, message="the pool to fork")
+            seen["before"] = set(workers_of())
+            os.kill(os.getpid(), signal.SIGHUP)
+            # The old generation goes only after the new one is ready: wait for both.
+            wait_until(
+                lambda: (
+                    (now := set(workers_of())) and len(now) == 2 and now.isdisjoint(seen["before"])
+                ),
+                message="a new generation",
+            )
+            seen["after"] = {int(echo_line(server.server_address)) for _ in range(10)}
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        driver = threading.Thread(target=hup_then_term)
+        driver.start()
+        server.serve_forever(poll_interval=0.1)
+        driver.join(10)
+    assert seen["after"] and seen["after"].isdisjoint(seen["before"])
+    assert living_descendants() == []
