@@ -27,6 +27,7 @@ from functools import partial
 from typing import Any
 
 from . import listeners, signals
+from . import log as prefork_log
 from .config import Config
 from .errors import EXIT_BOOT_ERROR, BootError
 from .heartbeat import Heartbeat
@@ -105,7 +106,7 @@ class Arbiter(Reloads):
             signal.SIGTTOU: partial(self.resize, -1),
             signal.SIGHUP: self.reload,
             signal.SIGUSR2: self.reexec,
-            signal.SIGUSR1: partial(self._not_yet, "USR1 (reopen logs)"),
+            signal.SIGUSR1: self.reopen_logs,
             signal.SIGCHLD: lambda: None,  # only wakes us; reap_workers runs every turn
         }
 
@@ -300,6 +301,14 @@ class Arbiter(Reloads):
                 os.kill(worker.pid, STACK_DUMP_SIGNAL)
             worker.kill_at = now + STACK_DUMP_GRACE
 
+    def reopen_logs(self) -> None:
+        """USR1: reopen the log file here and in every worker (after logrotate moved it)."""
+        if prefork_log.reopen():
+            log.info("reopened the log file; asking %d workers to do the same", len(self.workers))
+        for worker in self.workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGUSR1)
+
     def resize(self, delta: int) -> None:
         """TTIN/TTOU: one worker more or less, never fewer than one."""
         self.target_workers = max(1, self.target_workers + delta)
@@ -456,6 +465,3 @@ class Arbiter(Reloads):
         fds.extend(w.status_fd for w in self.workers.values())
         fds.extend(self._slots.fds_except(nr))
         return fds
-
-    def _not_yet(self, what: str) -> None:
-        log.warning("%s is not supported by this version of prefork; ignored", what)

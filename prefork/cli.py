@@ -125,7 +125,10 @@ def run(ctx: click.Context, /, target: str, print_config: bool, **options: Any) 
             app.check()  # in a throwaway child: the master never imports the app
     except PreforkError as exc:
         raise StartupError(str(exc)) from None
-    log.configure(config.log_level)
+    try:
+        log.configure(config.log_level, config.log_file, config.log_format)
+    except OSError as exc:
+        raise StartupError(f"cannot open log file {config.log_file}: {exc.strerror}") from None
     # Handlers go in before any socket is bound: a signal sent the moment the port
     # accepts must be honoured, not kill a master that is still starting. An upgraded
     # image arrives with signals blocked (see upgrade.py) and unblocks them only now.

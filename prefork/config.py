@@ -25,6 +25,7 @@ else:  # pragma: no cover - exercised on Python 3.10
 
 WorkerClass = Literal["sync", "thread", "fork"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LogFormat = Literal["text", "json"]
 
 
 def setting(
@@ -140,6 +141,15 @@ class Config:
         None, library=False, help="Directory to change to before importing the app."
     )
     log_level: LogLevel = setting("info", library=False, help="Least severe level logged.")
+    log_file: str | None = setting(
+        None,
+        library=False,
+        default_text="stderr",
+        help="Append the log to this file; USR1 reopens it (for logrotate).",
+    )
+    log_format: LogFormat = setting(
+        "text", library=False, help="text, or json: one JSON object per line."
+    )
     pid: str | None = setting(
         None, library=False, help="Write the master's PID to this file while it runs."
     )

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NoReturn
 
+from .. import log as prefork_log
 from .. import signals
 from ..errors import EXIT_BOOT_ERROR, EXIT_IMPORT_ERROR, EXIT_OK, AppImportError
 from ..heartbeat import Heartbeat
@@ -37,11 +38,11 @@ log = logging.getLogger("prefork.worker")
 
 Loader = Callable[[], type[socketserver.BaseRequestHandler]]
 # Signals a worker ignores: the master's business (HUP, TTIN...), or a terminal's.
-_IGNORED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU)
+_IGNORED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 # The master sends this before killing a stuck worker: faulthandler (a C-level handler,
 # which runs even while Python code is stuck) writes every thread's stack to stderr.
 STACK_DUMP_SIGNAL = signal.SIGUSR2
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT)
+_HANDLED = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGUSR1)
 
 READY = b"R"  # status pipe: booted, accepting
 RETIRE = b"M"  # status pipe: served --max-requests, please start my successor
@@ -112,12 +113,13 @@ class Worker:
         for fd in spec.inherited_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        for signum in _STOP_SIGNALS:
+        prefork_log.set_slot(f"worker {spec.nr}")
+        for signum in _HANDLED:
             signal.signal(signum, self.wakeup.handler)
         for signum in _IGNORED:
             signal.signal(signum, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True)
+        faulthandler.register(STACK_DUMP_SIGNAL, file=prefork_log.stack_stream(), all_threads=True)
         signals.unblock_all()  # the master blocked them around fork()
         set_title(f"prefork: worker {spec.nr} [{spec.name}]")
         if spec.loader is not None:
@@ -240,6 +242,11 @@ class Worker:
                 self.stop_accepting()  # retired: siblings serve the queue
             elif signum in (signal.SIGQUIT, signal.SIGINT):
                 self.quit_now()
+            elif signum == signal.SIGUSR1 and prefork_log.reopen():
+                faulthandler.register(
+                    STACK_DUMP_SIGNAL, file=prefork_log.stack_stream(), all_threads=True
+                )
+                log.debug("worker %d (pid %d) reopened its log file", self.spec.nr, os.getpid())
 
     def _drain_backlog(self) -> None:
         """Serve what the kernel already queued; stop accepting once every queue is empty.

@@ -86,6 +86,7 @@ class ForkWorker(Worker):
         set_title(f"prefork: connection child [{self.spec.name}]")  # not a worker: no such word
         for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the worker's pipe is not ours
         for fd in (self.spec.status_fd, self.wakeup.read_fd, self.wakeup.write_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
