@@ -20,6 +20,7 @@ from .servers import (
     PreForkUnixStreamServer,
 )
 from .version import __version__
+from .worker_process import WorkerInfo
 
 __all__ = [
     "AppImportError",
@@ -41,5 +42,6 @@ __all__ = [
     "PreForkUDPServer",
     "PreForkUnixDatagramServer",
     "PreForkUnixStreamServer",
+    "WorkerInfo",
     "__version__",
 ]

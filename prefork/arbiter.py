@@ -38,7 +38,7 @@ from .reload import Reconfigurer, Reloads
 from .systemd import Notifier
 from .upgrade import Handover, Upgrader
 from .version import __version__
-from .worker_process import WorkerProcess
+from .worker_process import WorkerInfo, WorkerProcess
 from .workers import make_worker, worker_model
 from .workers.base import BOOT_ERROR, READY, RETIRE, STACK_DUMP_SIGNAL, Loader, WorkerSpec
 
@@ -132,6 +132,7 @@ class Arbiter(Reloads):
             self.target_workers,
             worker_model(self.servers[0]),
         )
+        self._hook("on_starting")
         try:
             self._loop()
         finally:
@@ -199,6 +200,7 @@ class Arbiter(Reloads):
         if not self._announced_ready and self._complete(serving):
             self._announced_ready = True
             self.notify.ready(f"serving with {len(serving)} workers")
+            self._hook("when_ready")
         if self.reloading is not None and self._complete(self._generation_workers(self.reloading)):
             self._finish_reload()
         if self.retiring and all(w.generation >= self.generation for w in self.workers.values()):
@@ -247,6 +249,7 @@ class Arbiter(Reloads):
             loader=self.loader,
             inherited_fds=self._fds_not_for_worker(nr, status_r),
         )
+        self._hook("pre_fork", WorkerInfo(nr, generation))
         try:
             with signals.blocked():
                 pid = os.fork()

@@ -208,7 +208,7 @@ def open_server(spec: listeners.BindSpec, config: Config) -> Any:
         server = adopt_socket(spec.fd, spec.text, config)
     else:
         base = listeners.base_server_class(spec.family, spec.stream)
-        cls = server_class(base, config.worker_class, spec.family)
+        cls = server_class(base, config, spec.family)
         try:
             server = cls(spec.address, None, **_library_settings(config))
         except OSError as exc:
@@ -222,7 +222,7 @@ def adopt_socket(fd: int, text: str, config: Config, unlink: str = "") -> Any:
     type are read from the socket. ``unlink``: a Unix socket file we own."""
     sock = listeners.inherited_socket(fd, text)
     base = listeners.base_server_class(sock.family, sock.type == socket.SOCK_STREAM)
-    cls = server_class(base, config.worker_class, sock.family)
+    cls = server_class(base, config, sock.family)
     try:
         server = cls.from_socket(sock, None, **_library_settings(config))
     except OSError as exc:
@@ -237,12 +237,24 @@ def _library_settings(config: Config) -> dict[str, Any]:
     return {name: getattr(config, name) for name in LIBRARY_SETTINGS}
 
 
-def server_class(base: type, worker_class: str, family: int) -> type[PreForkMixIn]:
-    """PreForkMixIn + (ThreadingMixIn | ForkingMixIn | nothing) + the stdlib base server."""
-    mixin = SERVER_MIXINS[worker_class]
-    bases = (PreForkMixIn, mixin, base) if mixin else (PreForkMixIn, base)
-    name = f"PreFork{worker_class.title()}{base.__name__}"
-    return type(name, bases, {"address_family": family})
+def server_class(base: type, config: Config, family: int) -> type[PreForkMixIn]:
+    """[--server-class] + PreForkMixIn + (ThreadingMixIn | ForkingMixIn) + the stdlib server."""
+    bases: tuple[type, ...] = (PreForkMixIn, base)
+    mixin = SERVER_MIXINS[config.worker_class]
+    if mixin:
+        bases = (PreForkMixIn, mixin, base)
+    if config.server_class:
+        user = Target.parse(config.server_class).resolve()
+        if not isinstance(user, type):
+            raise ConfigError(f"--server-class {config.server_class} is not a class")
+        bases = (user, *bases[issubclass(user, PreForkMixIn) :])
+    name = f"PreFork{config.worker_class.title()}{base.__name__}"
+    try:
+        return type(name, bases, {"address_family": family})
+    except TypeError as exc:  # e.g. a UDPServer subclass on a TCP bind
+        raise ConfigError(
+            f"--server-class {config.server_class} cannot serve a {base.__name__}: {exc}"
+        ) from None
 
 
 def _chdir(path: str) -> None:

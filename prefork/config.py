@@ -131,6 +131,13 @@ class Config:
         default_text="MODULE:OBJECT",
         help="Name shown in process titles and logs.",
     )
+    server_class: str | None = setting(
+        None,
+        library=False,
+        help="MODULE:CLASS placed first among the bases of every server prefork builds: "
+        "its hook methods (on_starting, when_ready, pre_fork, post_fork, worker_exit, "
+        "on_reload) and socketserver overrides apply. Imported in the master.",
+    )
     preload: bool = setting(
         False,
         library=False,

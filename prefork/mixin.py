@@ -27,6 +27,7 @@ from typing import Any
 from . import listeners
 from .arbiter import Arbiter
 from .config import LIBRARY_SETTINGS, Config
+from .worker_process import WorkerInfo
 
 __all__ = ["PreForkMixIn"]
 
@@ -45,6 +46,10 @@ class PreForkMixIn:
     ``process_request``, ``finish_request``, ``handle_error``, ``shutdown_request``,
     ``service_actions``, ``handle_timeout``. ``server_bind`` and ``server_activate`` run
     once, in the master, before the fork.
+
+    Hooks, which may be overridden (see each one for its process and moment):
+    ``on_starting``, ``when_ready``, ``pre_fork``, ``post_fork``, ``worker_exit``,
+    ``on_reload``. A hook that raises in the master is logged and serving goes on.
 
     May be extended; call super(): ``__init__``, ``server_bind``, ``server_activate``,
     ``serve_forever``, ``shutdown``, ``server_close``, ``process_request_thread``.
@@ -166,6 +171,27 @@ class PreForkMixIn:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._prefork_unlink[1])
             self._prefork_unlink = None
+
+    # -- hooks: may be overridden; the defaults do nothing ----------------------------------
+    def on_starting(self) -> None:
+        """Master, once: the sockets are bound and no worker is forked yet."""
+
+    def when_ready(self) -> None:
+        """Master, once: every worker of the first generation has reported ready."""
+
+    def pre_fork(self, worker: WorkerInfo) -> None:
+        """Master, before each worker is forked (``worker.pid`` is None)."""
+
+    def post_fork(self, worker: WorkerInfo) -> None:
+        """Worker, just after the fork, before it imports the app (``prefork run``) and
+        reports ready. Raising makes it a boot failure."""
+
+    def worker_exit(self, worker: WorkerInfo) -> None:
+        """Worker, as it leaves after a graceful stop or retirement (not when it is
+        killed, or told to quit at once)."""
+
+    def on_reload(self) -> None:
+        """Master, when a reload (HUP, or USR2 after the re-exec) starts a new generation."""
 
     # -- in the workers -----------------------------------------------------------------------
     def process_request_thread(self, request: Any, client_address: Any) -> None:

@@ -103,6 +103,7 @@ class Reloads:
                 return
         self._newest += 1
         self.reloading = self._newest
+        self._hook("on_reload")
         log.info(
             "reloading: starting generation %d beside generation %d",
             self.reloading,
@@ -241,6 +242,13 @@ class Reloads:
 
     def _generation_workers(self, generation: int) -> list[WorkerProcess]:
         return [w for w in self.workers.values() if w.generation == generation]
+
+    def _hook(self, name: str, *args: object) -> None:
+        """Call a server hook in the master; one that raises is logged, never fatal."""
+        try:
+            getattr(self.servers[0], name)(*args)
+        except Exception:
+            log.exception("the %s hook failed", name)
 
     def _signal(self, worker: WorkerProcess, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):

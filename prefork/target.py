@@ -14,6 +14,7 @@ import os
 import socketserver
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import AppImportError
 from .process import set_title
@@ -38,22 +39,27 @@ class Target:
 
     def load(self) -> type[socketserver.BaseRequestHandler]:
         """Import the module and return the handler class; AppImportError says what failed."""
-        try:
-            module = importlib.import_module(self.module)
-        except Exception as exc:
-            log.debug("importing %s failed", self.module, exc_info=True)
-            raise AppImportError(f"cannot import {self.module!r}: {_last_line(exc)}") from None
-        obj = module
-        try:
-            for part in self.object.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            raise AppImportError(f"module {self.module!r} has no object {self.object!r}") from None
+        obj = self.resolve()
         if not (isinstance(obj, type) and issubclass(obj, socketserver.BaseRequestHandler)):
             raise AppImportError(
                 f"{self} is not a request handler class (a socketserver.BaseRequestHandler "
                 f"subclass), it is {type(obj).__name__!r}"
             )
+        return obj
+
+    def resolve(self) -> Any:
+        """Import the module and return the object it names, whatever it is."""
+        try:
+            module = importlib.import_module(self.module)
+        except Exception as exc:
+            log.debug("importing %s failed", self.module, exc_info=True)
+            raise AppImportError(f"cannot import {self.module!r}: {_last_line(exc)}") from None
+        obj: Any = module
+        try:
+            for part in self.object.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            raise AppImportError(f"module {self.module!r} has no object {self.object!r}") from None
         return obj
 
     def check(self) -> None:

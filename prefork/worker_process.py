@@ -7,6 +7,15 @@ from dataclasses import dataclass
 from .heartbeat import Heartbeat
 
 
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a hook (pre_fork, post_fork, worker_exit) learns about a worker."""
+
+    nr: int  # its slot, 1..N
+    generation: int  # bumped by each reload
+    pid: int | None = None  # None in pre_fork: not forked yet
+
+
 @dataclass
 class WorkerProcess:
     """The master's record of one worker."""

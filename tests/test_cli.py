@@ -192,3 +192,58 @@ def test_pid_file_of_a_running_master_is_refused_and_a_stale_one_replaced(
     stale = serve("apps:Echo", "-w", "1", "--pid", "stale.pid", "-b", "unix:third.sock")
     stale.wait_ready(1)
     assert (app_dir / "stale.pid").read_text() == f"{stale.pid}\n"
+
+
+def test_server_class_hooks_and_overrides_apply_to_every_bind(serve, listener, app_dir: Path):
+    (app_dir / "hooks.py").write_text(
+        "import os\n"
+        "class Hooks:\n"
+        "    def on_starting(self):\n"
+        "        open('hooks.log', 'a').write('on_starting %d\\n' % os.getpid())\n"
+        "    def post_fork(self, worker):\n"
+        "        open('hooks.log', 'a').write('post_fork %d\\n' % os.getpid())\n"
+        "    def verify_request(self, request, client_address):\n"
+        "        return False\n"
+    )
+    server = serve(
+        "apps:Echo",
+        "-w",
+        "2",
+        "--server-class",
+        "hooks:Hooks",
+        "-b",
+        "unix:hooked.sock",
+        listen_on=listener,
+    )
+    workers = server.wait_ready(2)
+    lines = sorted((app_dir / "hooks.log").read_text().splitlines())
+    assert lines == sorted([f"on_starting {server.pid}"] + [f"post_fork {p}" for p in workers])
+    import socket
+
+    for address, family in [
+        (listener.getsockname(), socket.AF_INET),
+        (str(app_dir / "hooked.sock"), socket.AF_UNIX),
+    ]:
+        with socket.socket(family) as conn:  # verify_request refuses: closed unserved
+            conn.settimeout(5)
+            conn.connect(address)
+            assert conn.recv(10) == b""
+
+
+def test_bad_server_class_is_one_line(app_dir: Path) -> None:
+    assert_one_line_error(
+        run_cli(
+            "run",
+            "apps:Echo",
+            "--server-class",
+            "apps:not_a_class",
+            "-b",
+            "127.0.0.1:0",
+            cwd=app_dir,
+        ),
+        "--server-class apps:not_a_class is not a class",
+    )
+    assert_one_line_error(
+        run_cli("run", "apps:Echo", "--server-class", "nomod:X", "-b", "127.0.0.1:0", cwd=app_dir),
+        "cannot import 'nomod'",
+    )

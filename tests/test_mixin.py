@@ -326,3 +326,58 @@ def test_hup_under_the_library_replaces_every_worker() -> None:
         driver.join(10)
     assert seen["after"] and seen["after"].isdisjoint(seen["before"])
     assert living_descendants() == []
+
+
+def test_hooks_run_in_the_right_process_and_order(tmp_path: Path) -> None:
+    calls = tmp_path / "hooks"
+
+    def record(*what: object) -> None:
+        with open(calls, "a") as f:
+            f.write(" ".join(map(str, (*what, os.getpid()))) + "\n")
+
+    class Server(prefork.PreForkTCPServer):
+        def on_starting(self) -> None:
+            record("on_starting")
+
+        def when_ready(self) -> None:
+            record("when_ready")
+
+        def pre_fork(self, worker: prefork.WorkerInfo) -> None:
+            record("pre_fork", worker.nr, worker.generation, worker.pid)
+
+        def post_fork(self, worker: prefork.WorkerInfo) -> None:
+            record("post_fork", worker.nr, worker.generation, worker.pid)
+
+        def worker_exit(self, worker: prefork.WorkerInfo) -> None:
+            record("worker_exit", worker.nr, worker.generation, worker.pid)
+
+        def on_reload(self) -> None:
+            record("on_reload")
+
+    master = os.getpid()
+    with Server(("127.0.0.1", 0), Pid, workers=2) as server:
+
+        def hup_then_term() -> None:
+            wait_until(lambda: calls.exists() and "when_ready" in calls.read_text())
+            os.kill(master, signal.SIGHUP)
+            wait_until(lambda: calls.read_text().count("worker_exit") == 2)  # gen 1 retired
+            os.kill(master, signal.SIGTERM)
+
+        driver = threading.Thread(target=hup_then_term)
+        driver.start()
+        server.serve_forever(poll_interval=0.1)
+        driver.join(10)
+    lines = [line.split() for line in calls.read_text().splitlines()]
+    names = [line[0] for line in lines]
+    assert names[0] == "on_starting" and lines[0][-1] == str(master)
+    for line in lines:
+        in_worker = line[0] in ("post_fork", "worker_exit")
+        assert (line[-1] != str(master)) == in_worker, line  # the right process
+        if in_worker:
+            assert line[3] == line[4]  # the worker's own pid, as WorkerInfo says
+    assert [line[3] for line in lines if line[0] == "pre_fork"] == ["None"] * 4
+    first_ready = names.index("when_ready")
+    assert names[:first_ready].count("post_fork") == 2  # ready means both booted
+    reload_at = names.index("on_reload")
+    assert [line[2] for line in lines[reload_at:] if line[0] == "pre_fork"] == ["2", "2"]
+    assert names.count("when_ready") == 1 and names.count("worker_exit") == 4

@@ -33,6 +33,7 @@ from .. import signals
 from ..errors import EXIT_BOOT_ERROR, EXIT_IMPORT_ERROR, EXIT_OK, AppImportError
 from ..heartbeat import Heartbeat
 from ..process import set_title
+from ..worker_process import WorkerInfo
 
 log = logging.getLogger("prefork.worker")
 
@@ -84,6 +85,7 @@ class Worker:
         self.selector = selectors.DefaultSelector()
         self._accepting = False
         self._timed: dict[Any, float] = {}  # servers with a .timeout -> last activity
+        self.info = WorkerInfo(spec.nr, spec.generation, os.getpid())
 
     # -- entry point, in the child right after fork ---------------------------------------
     def run(self) -> NoReturn:
@@ -98,6 +100,7 @@ class Worker:
         else:
             try:
                 code = self.serve()
+                self.servers[0].worker_exit(self.info)
             except BaseException:
                 log.exception("worker %d (pid %d) crashed", self.spec.nr, os.getpid())
                 code = 1
@@ -122,6 +125,7 @@ class Worker:
         faulthandler.register(STACK_DUMP_SIGNAL, file=prefork_log.stack_stream(), all_threads=True)
         signals.unblock_all()  # the master blocked them around fork()
         set_title(f"prefork: worker {spec.nr} [{spec.name}]")
+        self.servers[0].post_fork(self.info)
         if spec.loader is not None:
             handler_class = spec.loader()
             for server in self.servers:
