@@ -239,14 +239,19 @@ LIBRARY_SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(Config) if f.me
 
 
 def settings_table() -> str:
-    """Every setting as a Markdown table (docs/cli.md embeds it; a test keeps it current)."""
-    rows = ["| option | environment | default | library | meaning |", "|---|---|---|---|---|"]
+    """Every setting as a Markdown table (docs/configuration.md embeds it; a test keeps it
+    current): flag, environment variable, config-file key, default, library argument."""
+    rows = [
+        "| option | environment | config key | default | library | meaning |",
+        "|---|---|---|---|---|---|",
+    ]
     for f in fields(Config):
         short = f"`{f.metadata['short']}`, " if f.metadata["short"] else ""
         default = f.metadata["default_text"] or _describe_default(f.default)
         library = f"`{f.name}=`" if f.metadata["library"] else "—"
+        key = "—" if f.name in _NOT_IN_FILE else f"`{file_key(f)}`"
         rows.append(
-            f"| {short}`--{flag_name(f)}` | `{env_var(f)}` | {default} | {library} | "
+            f"| {short}`--{flag_name(f)}` | `{env_var(f)}` | {key} | {default} | {library} | "
             f"{f.metadata['help']} |"
         )
     return "\n".join(rows) + "\n"

@@ -13,9 +13,9 @@ TABLE = re.compile(r"(checks it -->\n)(.*?)(<!-- end of settings table -->)", re
 
 
 def test_cli_doc_settings_table_is_current() -> None:
-    doc = (ROOT / "docs" / "cli.md").read_text()
+    doc = (ROOT / "docs" / "configuration.md").read_text()
     table = TABLE.search(doc)
-    assert table, "docs/cli.md lost its settings table markers"
+    assert table, "docs/configuration.md lost its settings table markers"
     assert table.group(2) == settings_table(), "regenerate: python tests/test_docs.py --write"
 
 
@@ -39,7 +39,7 @@ def test_signals_doc_names_every_master_signal() -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
-    path = ROOT / "docs" / "cli.md"
+    path = ROOT / "docs" / "configuration.md"
     path.write_text(
         TABLE.sub(lambda m: m.group(1) + settings_table() + m.group(3), path.read_text())
     )
