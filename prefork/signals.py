@@ -71,6 +71,7 @@ class SignalRoute:
         self.wakeup = wakeup
         self.signums = tuple(signums)
         self._previous: dict[int, Any] = {}
+        self._previous_wakeup_fd = -1
 
     @property
     def installed(self) -> bool:
@@ -82,12 +83,26 @@ class SignalRoute:
             return False
         for signum in self.signums:
             self._previous[signum] = signal.signal(signum, self.wakeup.handler)
+        self._previous_wakeup_fd = wake_on_any_thread(self.wakeup)
         return True
 
     def restore(self) -> None:
+        if self._previous:
+            signal.set_wakeup_fd(self._previous_wakeup_fd)
         for signum, previous in self._previous.items():
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
+
+
+def wake_on_any_thread(wakeup: Wakeup) -> int:
+    """Make a signal wake the loop whichever thread the kernel delivers it to.
+
+    Python runs signal handlers in the main thread only, and only between bytecodes:
+    a signal delivered to another thread (the host's, or a worker's watcher thread)
+    would wait until the main thread's select() timed out. The C-level handler writes
+    to the wakeup fd at once, from any thread. Returns the previous wakeup fd.
+    """
+    return signal.set_wakeup_fd(wakeup.write_fd, warn_on_full_buffer=False)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ import socket
 import socketserver
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -358,10 +359,12 @@ def test_hooks_run_in_the_right_process_and_order(tmp_path: Path) -> None:
     with Server(("127.0.0.1", 0), Pid, workers=2) as server:
 
         def hup_then_term() -> None:
-            wait_until(lambda: calls.exists() and "when_ready" in calls.read_text())
-            os.kill(master, signal.SIGHUP)
-            wait_until(lambda: calls.read_text().count("worker_exit") == 2)  # gen 1 retired
-            os.kill(master, signal.SIGTERM)
+            try:
+                wait_until(lambda: calls.exists() and "when_ready" in calls.read_text())
+                os.kill(master, signal.SIGHUP)
+                wait_until(lambda: calls.read_text().count("worker_exit") == 2)  # gen 1 gone
+            finally:
+                os.kill(master, signal.SIGTERM)  # whatever happened, let serve_forever end
 
         driver = threading.Thread(target=hup_then_term)
         driver.start()
@@ -381,3 +384,36 @@ def test_hooks_run_in_the_right_process_and_order(tmp_path: Path) -> None:
     reload_at = names.index("on_reload")
     assert [line[2] for line in lines[reload_at:] if line[0] == "pre_fork"] == ["2", "2"]
     assert names.count("when_ready") == 1 and names.count("worker_exit") == 4
+
+
+def test_a_signal_delivered_to_another_thread_wakes_the_master_at_once() -> None:
+    # Python runs handlers in the main thread only; the kernel may deliver a signal to
+    # any thread. Sent straight to this helper thread, HUP and TERM must still act now,
+    # not when the master's sleep (up to the 30 s heartbeat timeout) ends.
+    with prefork.PreForkTCPServer(("127.0.0.1", 0), Pid, workers=1) as server:
+        timings: dict[str, float] = {}
+
+        def signal_this_thread() -> None:
+            me = threading.get_ident()
+            try:
+                wait_until(lambda: len(workers_of()) == 1, message="the pool to fork")
+                before = set(workers_of())
+                started = time.monotonic()
+                signal.pthread_kill(me, signal.SIGHUP)
+                wait_until(
+                    lambda: (now := set(workers_of())) and now.isdisjoint(before),
+                    message="the reload to replace the worker",
+                )
+                timings["reload"] = time.monotonic() - started
+                started = time.monotonic()
+                signal.pthread_kill(me, signal.SIGTERM)
+                wait_until(lambda: not workers_of(), message="the stop")
+                timings["stop"] = time.monotonic() - started
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        helper = threading.Thread(target=signal_this_thread)
+        helper.start()
+        server.serve_forever(poll_interval=0.1)
+        helper.join(10)
+    assert timings["reload"] < 5 and timings["stop"] < 5

@@ -122,6 +122,7 @@ class Worker:
         for signum in _IGNORED:
             signal.signal(signum, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signals.wake_on_any_thread(self.wakeup)  # the sync worker has a watcher thread
         faulthandler.register(STACK_DUMP_SIGNAL, file=prefork_log.stack_stream(), all_threads=True)
         signals.unblock_all()  # the master blocked them around fork()
         set_title(f"prefork: worker {spec.nr} [{spec.name}]")

@@ -87,6 +87,7 @@ class ForkWorker(Worker):
         for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the worker's pipe is not ours
+        signal.set_wakeup_fd(-1)  # nor its wakeup fd, closed below
         for fd in (self.spec.status_fd, self.wakeup.read_fd, self.wakeup.write_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
