@@ -211,8 +211,8 @@ class Arbiter(Reloads):
             self.retiring = []
         if self.reloading is None:  # a reload replaces every worker anyway
             if self.config.max_rss and time.monotonic() >= self._recycler.next_memory_check:
-                current = {p: w for p, w in self.workers.items() if w.generation == self.generation}
-                self._recycler.check_memory(current, self.config.max_rss)
+                serving = self._generation_workers(self.generation)
+                self._recycler.check_memory(serving, self.config.max_rss)
             self._recycler.step(self.workers, self.generation)
         if self.notify.watchdog_interval and time.monotonic() >= self._next_watchdog:
             self.notify.watchdog()

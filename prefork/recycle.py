@@ -77,10 +77,10 @@ class Recycler:
             if started is not None:
                 self._current = (old, started)
 
-    def check_memory(self, workers: dict[int, WorkerProcess], limit_mb: int) -> None:
+    def check_memory(self, workers: list[WorkerProcess], limit_mb: int) -> None:
         """Queue every ready worker whose resident memory is over ``limit_mb``."""
         self.next_memory_check = time.monotonic() + MEMORY_CHECK_INTERVAL
-        for worker in list(workers.values()):
+        for worker in workers:
             if not worker.ready or worker.stop_sent or self.busy(worker):
                 continue
             try:
