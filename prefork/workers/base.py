@@ -45,6 +45,12 @@ _IGNORED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 STACK_DUMP_SIGNAL = signal.SIGUSR2
 _HANDLED = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGUSR1)
 
+
+def _dump_stack_to_log_on_signal() -> None:
+    """Point faulthandler's STACK_DUMP_SIGNAL at the log (again, after it was reopened)."""
+    faulthandler.register(STACK_DUMP_SIGNAL, file=prefork_log.stack_stream(), all_threads=True)
+
+
 READY = b"R"  # status pipe: booted, accepting
 RETIRE = b"M"  # status pipe: served --max-requests, please start my successor
 BOOT_ERROR = b"E"  # status pipe: followed by a one-line cause, then the worker exits
@@ -123,7 +129,7 @@ class Worker:
             signal.signal(signum, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signals.wake_on_any_thread(self.wakeup)  # the sync worker has a watcher thread
-        faulthandler.register(STACK_DUMP_SIGNAL, file=prefork_log.stack_stream(), all_threads=True)
+        _dump_stack_to_log_on_signal()
         signals.unblock_all()  # the master blocked them around fork()
         set_title(f"prefork: worker {spec.nr} [{spec.name}]")
         self.servers[0].post_fork(self.info)
@@ -248,9 +254,7 @@ class Worker:
             elif signum in (signal.SIGQUIT, signal.SIGINT):
                 self.quit_now()
             elif signum == signal.SIGUSR1 and prefork_log.reopen():
-                faulthandler.register(
-                    STACK_DUMP_SIGNAL, file=prefork_log.stack_stream(), all_threads=True
-                )
+                _dump_stack_to_log_on_signal()
                 log.debug("worker %d (pid %d) reopened its log file", self.spec.nr, os.getpid())
 
     def _drain_backlog(self) -> None:
