@@ -30,17 +30,20 @@ from . import listeners, signals
 from . import log as prefork_log
 from .config import Config
 from .errors import EXIT_BOOT_ERROR, BootError
+from .heartbeat import READY as PAGE_READY
 from .heartbeat import Heartbeat
+from .identity import Identity
 from .listeners import describe_address
 from .process import describe_exit, get_title, set_title
 from .recycle import Recycler
 from .reload import Reconfigurer, Reloads
+from .statuspage import MasterPage
 from .systemd import Notifier
 from .upgrade import Handover, Upgrader
 from .version import __version__
 from .worker_process import WorkerInfo, WorkerProcess
 from .workers import make_worker, worker_model
-from .workers.base import BOOT_ERROR, READY, RETIRE, STACK_DUMP_SIGNAL, Loader, WorkerSpec
+from .workers.base import BOOT_ERROR, READY, RELOAD, RETIRE, STACK_DUMP_SIGNAL, Loader, WorkerSpec
 
 log = logging.getLogger("prefork.arbiter")
 
@@ -95,6 +98,12 @@ class Arbiter(Reloads):
             may_start=lambda nr: self._backoff.get(nr, (0.0, 0.0))[1] <= time.monotonic(),
         )
         self._master_r = self._master_w = -1
+        # prefork status: this master's facts; workers' pages are their heartbeats
+        self._board = handover.board if handover and handover.board else random.getrandbits(31)
+        self._served_by_exited = handover.served_by_exited if handover else 0
+        self._status_page: MasterPage | None = None
+        self._identities: dict[tuple[str | None, str | None], Identity | None] = {}
+        self._identity(config)  # an unknown user or group fails here, not at a fork
         self._poll_interval = 0.5
         self._next_watchdog = 0.0
         self._handlers: dict[int, Callable[[], None]] = {
@@ -118,6 +127,8 @@ class Arbiter(Reloads):
         title = get_title()
         set_title(f"prefork: master [{self.name}]")
         self._selector.register(self._wakeup.read_fd, selectors.EVENT_READ)
+        self._status_page = MasterPage()
+        self._publish_status()
         for server in self.servers:
             server.socket.setblocking(False)  # a worker that loses the accept race moves on
         if self._handover:
@@ -160,6 +171,7 @@ class Arbiter(Reloads):
                 self.spawn_missing()
             elif not self.workers:
                 return
+            self._publish_status()
             self._wait(self._seconds_to_next_deadline())
 
     def _wait(self, timeout: float | None) -> None:
@@ -248,6 +260,11 @@ class Arbiter(Reloads):
             request_timeout=self.config.worker_timeout,
             loader=self.loader,
             inherited_fds=self._fds_not_for_worker(nr, status_r),
+            inherited_pages=[w.heartbeat for w in self.workers.values() if w.heartbeat],
+            access_log=self.config.access_log,
+            identity=self._identity(self.config),
+            watch_code=self.config.reload and nr == 1,
+            log_format=self.config.log_format,
         )
         self._hook("pre_fork", WorkerInfo(nr, generation))
         try:
@@ -265,6 +282,7 @@ class Arbiter(Reloads):
             self._back_off(nr, f"cannot fork worker {nr}: {exc.strerror}")
             return None
         os.close(status_w)
+        heartbeat.identify(pid, nr, generation, self._board)
         worker = WorkerProcess(nr, pid, generation, status_r, heartbeat, time.monotonic())
         self.workers[pid] = worker
         self._selector.register(status_r, selectors.EVENT_READ, worker)
@@ -345,6 +363,7 @@ class Arbiter(Reloads):
             self._selector.unregister(worker.status_fd)
         os.close(worker.status_fd)
         if worker.heartbeat:
+            self._served_by_exited += worker.heartbeat.requests_served()
             worker.heartbeat.close()
         how = describe_exit(code)
         if not worker.ready:
@@ -400,7 +419,12 @@ class Arbiter(Reloads):
             self._backoff.pop(worker.nr, None)
             if worker.heartbeat:
                 worker.heartbeat.beat()
+                worker.heartbeat.set_state(PAGE_READY)
             log.info("worker %d (pid %d) booted", worker.nr, worker.pid)
+        current = worker.generation == self.generation and self.reloading is None
+        if RELOAD in data and current and not self._stopping:
+            log.info("--reload: worker %d saw the code change; reloading", worker.nr)
+            self.reload()
         if RETIRE in data and not worker.stop_sent:
             served = worker.heartbeat.requests_served() if worker.heartbeat else 0
             self._recycler.request(worker, f"served {served} requests")
@@ -436,6 +460,32 @@ class Arbiter(Reloads):
         ready = {w.nr for w in workers if w.ready and not w.stop_sent}
         return ready >= set(range(1, self.target_workers + 1))
 
+    def _publish_status(self) -> None:
+        """What `prefork status` shows of the master; written only when it changed."""
+        if self._status_page is None:
+            return
+        if self._stopping:
+            state = "stopping"
+        elif self.reloading is not None:
+            state = "reloading"
+        else:
+            state = "serving" if self._announced_ready else "starting"
+        self._status_page.publish(
+            {
+                "board": self._board,
+                "pid": os.getpid(),
+                "name": self.name,
+                "version": __version__,
+                "state": state,
+                "generation": self.generation,
+                "reloading": self.reloading,
+                "workers": self.target_workers,
+                "worker_class": worker_model(self.servers[0]),
+                "binds": [describe_address(s) for s in self.servers],
+                "served_by_exited": self._served_by_exited,
+            }
+        )
+
     def _kill_remaining(self) -> None:
         """Last resort on the way out (an exception in the loop): leave no child behind."""
         for worker in self.workers.values():
@@ -449,6 +499,8 @@ class Arbiter(Reloads):
         self.workers.clear()
 
     def _close_all(self) -> None:
+        if self._status_page:
+            self._status_page.close()
         self._selector.close()
         self.notify.close()
         for fd in (self._master_r, self._master_w):
@@ -466,5 +518,7 @@ class Arbiter(Reloads):
             self._selector.fileno(),
         ]
         fds.extend(w.status_fd for w in self.workers.values())
+        if self._status_page:
+            fds.append(self._status_page.fileno())
         fds.extend(self._slots.fds_except(nr))
         return fds

@@ -19,6 +19,8 @@ import click
 from click.core import ParameterSource
 
 from . import listeners, log
+from . import status as prefork_status
+from .access import open_access_log
 from .arbiter import Arbiter
 from .config import (
     LIBRARY_SETTINGS,
@@ -30,6 +32,7 @@ from .config import (
     to_toml,
 )
 from .errors import ConfigError, PreforkError
+from .identity import Identity, parse_mode
 from .mixin import PreForkMixIn
 from .process import Pidfile
 from .signals import MASTER_SIGNALS, SignalRoute, Wakeup, unblock_all
@@ -116,19 +119,19 @@ def run(ctx: click.Context, /, target: str, print_config: bool, **options: Any) 
             click.echo(to_toml(config), nl=False)
             return
         specs = [listeners.parse_bind(text) for text in config.binds]
+        identity = Identity.resolve(config.user, config.group)
+        if config.umask is not None:
+            os.umask(parse_mode("umask", config.umask))
         if config.chdir:
             _chdir(config.chdir)
         add_cwd_to_path()
         if config.preload:
             handler = app.load()  # once, in the master; workers share it copy-on-write
         else:
-            app.check()  # in a throwaway child: the master never imports the app
+            app.check(identity)  # in a throwaway child: the master never imports the app
+        _open_logs(config, identity)
     except PreforkError as exc:
         raise StartupError(str(exc)) from None
-    try:
-        log.configure(config.log_level, config.log_file, config.log_format)
-    except OSError as exc:
-        raise StartupError(f"cannot open log file {config.log_file}: {exc.strerror}") from None
     # Handlers go in before any socket is bound: a signal sent the moment the port
     # accepts must be honoured, not kill a master that is still starting. An upgraded
     # image arrives with signals blocked (see upgrade.py) and unblocks them only now.
@@ -155,7 +158,7 @@ def run(ctx: click.Context, /, target: str, print_config: bool, **options: Any) 
                 server.RequestHandlerClass = handler
         if pidfile:
             pidfile.write(os.getpid())
-        upgrader = Upgrader(str(app), sys.argv[1:], started_in, config.boot_timeout)
+        upgrader = Upgrader(str(app), sys.argv[1:], started_in, config.boot_timeout, identity)
         arbiter = Arbiter(
             servers,
             config,
@@ -180,6 +183,49 @@ def run(ctx: click.Context, /, target: str, print_config: bool, **options: Any) 
         route.restore()
 
 
+@cli.command()
+@click.argument("pid", type=int, required=False)
+@click.option(
+    "--pid",
+    "pid_file",
+    metavar="FILE",
+    help="Read the master's PID from FILE (the one `prefork run --pid FILE` writes).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--watch", is_flag=True, help="Refresh until interrupted (JSON: one line each).")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes with --watch.",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(min=0),
+    default=0,
+    help="With --watch: stop after this many refreshes (0: never).",
+)
+def status(
+    pid: int | None, pid_file: str | None, as_json: bool, watch: bool, interval: float, count: int
+) -> None:
+    """Show a running master and its workers: state, requests, current request, memory, CPU.
+
+    Give the master's PID, or --pid FILE. See docs/status.md.
+    """
+    if (pid is None) == (pid_file is None):
+        raise click.UsageError("give the master's PID or --pid FILE (one of them)")
+    try:
+        if pid is None:
+            assert pid_file is not None
+            pid = Pidfile(pid_file).read()
+        prefork_status.show(pid, as_json, watch, interval, count)
+    except (PreforkError, prefork_status.StatusError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:  # how --watch is meant to end
+        pass
+
+
 def settings_from(given: dict[str, Any], cwd: str) -> Config:
     """Command line and environment (``given``) over the config file over the defaults."""
     found = find_config_file(given.get("config"), cwd)
@@ -202,6 +248,26 @@ class CliSettings:
         return open_server(listeners.parse_bind(bind), config)
 
 
+def _open_logs(config: Config, identity: Identity | None) -> None:
+    """The log file now; the access log once, to fail here rather than in every worker.
+    Both go to the workers' user, who writes to them and reopens them on USR1."""
+    try:
+        log.configure(config.log_level, config.log_file, config.log_format)
+    except OSError as exc:
+        raise ConfigError(f"cannot open log file {config.log_file}: {exc.strerror}") from None
+    if config.access_log:
+        try:
+            os.close(open_access_log(config.access_log))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot open access log {config.access_log}: {exc.strerror}"
+            ) from None
+    if identity is not None:
+        for path in (config.log_file, config.access_log):
+            if path and path != "-":
+                identity.give(path)
+
+
 def open_server(spec: listeners.BindSpec, config: Config) -> Any:
     """Bind one address with the server class its kind and the worker class call for."""
     if spec.kind == "fd":
@@ -209,10 +275,21 @@ def open_server(spec: listeners.BindSpec, config: Config) -> Any:
     else:
         base = listeners.base_server_class(spec.family, spec.stream)
         cls = server_class(base, config, spec.family)
+        unix = spec.family == socket.AF_UNIX
+        # The socket file is created with its final mode: no moment with a looser one.
+        mode = parse_mode("socket_mode", config.socket_mode) if config.socket_mode else None
+        umask = os.umask(0o777 & ~mode) if unix and mode is not None else None
         try:
             server = cls(spec.address, None, **_library_settings(config))
         except OSError as exc:
             raise listeners.bind_error(spec.text, exc) from None
+        finally:
+            if umask is not None:
+                os.umask(umask)
+        identity = Identity.resolve(config.user, config.group)
+        path = getattr(server, "server_address", None) if unix else None
+        if identity is not None and isinstance(path, str) and os.path.exists(path):
+            identity.give(path)
     server.prefork_bind = spec.text  # how HUP tells which configured bind it serves
     return server
 

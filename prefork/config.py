@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .identity import parse_mode
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -144,6 +145,12 @@ class Config:
         help="Import the app once in the master before forking, so workers share its "
         "memory. HUP then re-executes the master in place (as USR2 does) to load new code.",
     )
+    reload: bool = setting(
+        False,
+        library=False,
+        help="Development: reload (as HUP does) when a source file of the app's imported "
+        "modules changes. Uses watchfiles if installed (prefork[reload]), else polls.",
+    )
     chdir: str | None = setting(
         None, library=False, help="Directory to change to before importing the app."
     )
@@ -156,6 +163,41 @@ class Config:
     )
     log_format: LogFormat = setting(
         "text", library=False, help="text, or json: one JSON object per line."
+    )
+    user: str | None = setting(
+        None,
+        library=False,
+        default_text="the master's",
+        help="Run workers as this user (name or uid). The master binds first (as root, for "
+        "ports below 1024) and keeps root to bind again on HUP and USR2; it runs no "
+        "handler. A worker that cannot switch never serves.",
+    )
+    group: str | None = setting(
+        None,
+        library=False,
+        default_text="the user's",
+        help="Run workers with this group (name or gid).",
+    )
+    umask: str | None = setting(
+        None,
+        library=False,
+        default_text="inherited",
+        help="Octal umask of the master and workers (027): applies to the Unix socket "
+        "files and log files prefork creates.",
+    )
+    socket_mode: str | None = setting(
+        None,
+        library=False,
+        default_text="by the umask",
+        help="Octal mode of Unix socket files (660); with --user they also belong to the "
+        "workers' user and group.",
+    )
+    access_log: str | None = setting(
+        None,
+        default_text="off",
+        help="Append one line per connection or datagram to this file ('-': stderr): "
+        "client, worker, duration, outcome, in --log-format. Written in batches, off the "
+        "request path; USR1 reopens it.",
     )
     pid: str | None = setting(
         None, library=False, help="Write the master's PID to this file while it runs."
@@ -183,6 +225,9 @@ class Config:
         _check_at_least("boot_timeout", self.boot_timeout, 0)
         if not self.binds:
             raise ConfigError("binds must name at least one address")
+        for name in ("umask", "socket_mode"):
+            if getattr(self, name) is not None:
+                parse_mode(name, getattr(self, name))
 
 
 def _check_at_least(name: str, value: float, least: float) -> None:

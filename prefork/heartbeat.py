@@ -1,28 +1,50 @@
 """Heartbeat: a worker's latest sign of life, and its current request, in shared memory.
 
-An anonymous MAP_SHARED page created by the master before the fork. The worker writes
-it with no syscall (the clock is read through the vDSO): a beat once per loop turn, and
-at each request its start time and client, then its end. The master reads it to find
-stuck workers and to say what they were stuck on. No file, so no slow disk can fake a
-timeout.
+One page per worker in a memfd the master creates before the fork and keeps open. The
+worker writes it with no syscall (the clock is read through the vDSO): a beat once per
+loop turn, and at each request its start time and client, then its end. The master
+reads it to find stuck workers and to say what they were stuck on, and writes who the
+worker is (pid, slot, generation) and where it stands (booting, ready, stopping).
 
-Layout: beat (double), request start (double; 0 = idle), requests served (uint64),
-client length (uint16), client address (UTF-8, at most CLIENT_MAX bytes), and one byte
-the master writes: 1 = on TERM, drain the kernel's queue before leaving.
+Being a memfd rather than an anonymous mapping is what lets other processes in:
+``prefork status`` opens the master's descriptor through /proc/PID/fd (the kernel
+allows that to the same user and to root only), and USR2 hands the pages of the
+workers it keeps to the new master image. No file on disk: nothing to clean up after a
+SIGKILL, and no slow disk can fake a timeout.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 import struct
+import sys
 import time
+from dataclasses import dataclass
 
-_BEAT = struct.Struct("d")
-_REQUEST = struct.Struct("dQH")  # at offset 8
+MEMFD_NAME = "prefork-worker"
+PAGE_SIZE = mmap.PAGESIZE
+
+# Written by the worker.
+_BEAT = struct.Struct("d")  # at 0: monotonic time of the last loop turn
+_REQUEST = struct.Struct("dQH")  # at 8: request start (0 = idle), requests served, client length
 _REQUEST_OFFSET = 8
 _CLIENT_OFFSET = _REQUEST_OFFSET + _REQUEST.size
 CLIENT_MAX = 200
-_DRAIN_OFFSET = _CLIENT_OFFSET + CLIENT_MAX  # one byte the master sets before a final stop
+_ACTIVE = struct.Struct("I")  # requests in progress in threads or connection children
+_ACTIVE_OFFSET = 232
+# Written by the master.
+_DRAIN_OFFSET = 240  # 1 = on TERM, drain the kernel's queue before leaving
+_STATE_OFFSET = 241  # BOOTING, READY or STOPPING
+_IDENTITY = struct.Struct("qIIId")  # pid, slot, generation, board, spawned (wall clock)
+_IDENTITY_OFFSET = 248
+
+# Before Python 3.13 mmap keeps a duplicate of the descriptor; a reader may then find a
+# page twice among the master's descriptors (it keeps one per pid).
+_UNTRACKED: dict[str, bool] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+BOOTING, READY, STOPPING = 0, 1, 2
+STATE_NAMES = {BOOTING: "booting", READY: "ready", STOPPING: "stopping"}
 
 
 def describe_client(client_address: object) -> str:
@@ -36,11 +58,28 @@ def describe_client(client_address: object) -> str:
 
 
 class Heartbeat:
-    def __init__(self) -> None:
-        self._map = mmap.mmap(-1, mmap.PAGESIZE)
-        self.beat()
+    """One worker's page. ``fd``: adopt a page handed over by the previous master image."""
+
+    def __init__(self, fd: int | None = None) -> None:
+        created = fd is None
+        if fd is None:
+            fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
+            os.ftruncate(fd, PAGE_SIZE)
+        self._fd = fd
+        self._map = mmap.mmap(fd, PAGE_SIZE, **_UNTRACKED)
+        if created:
+            self.beat()
+
+    def fileno(self) -> int:
+        return self._fd
 
     # -- the worker's side -----------------------------------------------------------------
+    def release_fd(self) -> None:
+        """Worker: the mapping is all it needs; the descriptor stays the master's."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
     def beat(self) -> None:
         _BEAT.pack_into(self._map, 0, time.monotonic())
 
@@ -52,7 +91,17 @@ class Heartbeat:
     def request_finished(self, served: int) -> None:
         _REQUEST.pack_into(self._map, _REQUEST_OFFSET, 0.0, served, 0)
 
+    def set_active(self, count: int) -> None:
+        """Thread and fork workers: how many requests their threads or children serve."""
+        _ACTIVE.pack_into(self._map, _ACTIVE_OFFSET, count)
+
     # -- the master's side ----------------------------------------------------------------
+    def identify(self, pid: int, nr: int, generation: int, board: int) -> None:
+        _IDENTITY.pack_into(self._map, _IDENTITY_OFFSET, pid, nr, generation, board, time.time())
+
+    def set_state(self, state: int) -> None:
+        self._map[_STATE_OFFSET] = state
+
     def last(self) -> float:
         return float(_BEAT.unpack_from(self._map, 0)[0])
 
@@ -76,3 +125,53 @@ class Heartbeat:
 
     def close(self) -> None:
         self._map.close()
+        self.release_fd()
+
+
+@dataclass(frozen=True)
+class WorkerPage:
+    """A copy of one page as ``prefork status`` reads it (times already turned into ages)."""
+
+    pid: int
+    slot: int
+    generation: int
+    board: int
+    spawned: float  # wall clock
+    state: str  # booting, idle, busy, stopping
+    requests: int
+    active: int  # requests in progress (a sync worker: 0 or 1)
+    client: str | None  # the current request's, where the worker records one
+    request_age: float | None
+    heartbeat_age: float
+
+    @classmethod
+    def parse(cls, page: bytes, now: float | None = None) -> WorkerPage:
+        """``now``: time.monotonic() of the reader (the clock is the same for every process)."""
+        now = time.monotonic() if now is None else now
+        (beat,) = _BEAT.unpack_from(page, 0)
+        started, served, length = _REQUEST.unpack_from(page, _REQUEST_OFFSET)
+        (active,) = _ACTIVE.unpack_from(page, _ACTIVE_OFFSET)
+        pid, slot, generation, board, spawned = _IDENTITY.unpack_from(page, _IDENTITY_OFFSET)
+        client = None
+        if started:
+            length = min(length, CLIENT_MAX)
+            client = page[_CLIENT_OFFSET : _CLIENT_OFFSET + length].decode("utf-8", "replace")
+            active = max(active, 1)
+        master_state = page[_STATE_OFFSET]
+        if master_state == READY:
+            state = "busy" if active else "idle"
+        else:
+            state = STATE_NAMES.get(master_state, "unknown")
+        return cls(
+            pid=pid,
+            slot=slot,
+            generation=generation,
+            board=board,
+            spawned=spawned,
+            state=state,
+            requests=served,
+            active=active,
+            client=client,
+            request_age=max(0.0, now - started) if started else None,
+            heartbeat_age=max(0.0, now - beat),
+        )

@@ -40,7 +40,8 @@ class PreForkMixIn:
     ``reuse_port`` (False), ``tcp_nodelay`` (True), ``graceful_timeout`` (30 s),
     ``worker_timeout`` (30 s; 0 = off), ``boot_timeout`` (30 s), ``max_requests`` (0 =
     never), ``max_requests_jitter`` (0), ``max_rss`` (MB; 0 = never), ``name`` (None:
-    the handler's ``module:qualname``). They are read when the server is constructed.
+    the handler's ``module:qualname``), ``access_log`` (None = off; a path, or "-" for
+    stderr). They are read when the server is constructed.
 
     May be overridden, as in socketserver, and run in each worker: ``verify_request``,
     ``process_request``, ``finish_request``, ``handle_error``, ``shutdown_request``,

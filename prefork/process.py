@@ -64,6 +64,17 @@ class Pidfile:
             raise
         self._written = True
 
+    def read(self) -> int:
+        """The PID in the file; ConfigError (one line) when there is none."""
+        try:
+            with open(self.path) as f:
+                text = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read pid file {self.path}: {exc.strerror}") from None
+        if not text.isdigit():
+            raise ConfigError(f"pid file {self.path} does not hold a PID")
+        return int(text)
+
     def running_master(self) -> int | None:
         """The PID in the file, if that process is alive and a prefork master; else None
         (no file, garbage, a dead PID, or a PID reused by something else: stale)."""

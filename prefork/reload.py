@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 from .config import Config
 from .errors import PreforkError
+from .heartbeat import STOPPING, Heartbeat
+from .identity import Identity
 from .listeners import SlotSockets, describe_address
 from .systemd import Notifier
 from .upgrade import AdoptedWorker, Handover, Upgrader
@@ -40,6 +42,7 @@ FIXED_UNTIL_RESTART = (
     "backlog",
     "tcp_nodelay",
     "config",
+    "umask",
 )
 
 
@@ -73,6 +76,9 @@ class Reloads:
     _stopping: int
     _backoff: dict[int, tuple[float, float]]
     _master_r: int
+    _board: int  # the status pages' id
+    _identities: dict[tuple[str | None, str | None], Identity | None]
+    _served_by_exited: int
     _master_w: int
     _selector: selectors.DefaultSelector
     _ever_ready: bool
@@ -131,15 +137,24 @@ class Reloads:
             master_r=self._master_r,
             master_w=self._master_w,
             workers=[
-                AdoptedWorker(w.pid, w.nr, w.generation, w.status_fd)
+                AdoptedWorker(
+                    w.pid,
+                    w.nr,
+                    w.generation,
+                    w.status_fd,
+                    w.heartbeat.fileno() if w.heartbeat else -1,
+                )
                 for w in self.workers.values()
                 if not w.stop_sent
             ],
+            board=self._board,
+            served_by_exited=self._served_by_exited,
             unlink=[s._prefork_unlink[1] if s._prefork_unlink else "" for s in self.servers],
             slot_sockets=self._slots.export(self.servers),
             binds=[getattr(s, "prefork_bind", None) or "" for s in self.servers],
         )
         extra = [self._master_r, self._master_w] + [w.status_fd for w in handover.workers]
+        extra += [w.heartbeat_fd for w in handover.workers if w.heartbeat_fd >= 0]
         extra += [fd for fds in handover.slot_sockets.values() for fd in fds if fd >= 0]
         try:
             self._upgrader.execute(handover, [s.socket.fileno() for s in self.servers], extra)
@@ -154,6 +169,7 @@ class Reloads:
         previous state is kept so that an abandoned reload can put it back.
         """
         new = settings.read()
+        self._identity(new)  # an unknown user or group abandons the reload here
         kept = {
             f.name: getattr(self.config, f.name)
             for f in fields(Config)
@@ -227,8 +243,9 @@ class Reloads:
         self._slots.adopt(handover.slot_sockets, self.servers)
         now = time.monotonic()
         for old in handover.workers:
+            heartbeat = Heartbeat(old.heartbeat_fd) if old.heartbeat_fd >= 0 else None
             worker = WorkerProcess(
-                old.nr, old.pid, old.generation, old.status_fd, None, now, ready=True
+                old.nr, old.pid, old.generation, old.status_fd, heartbeat, now, ready=True
             )
             self.workers[old.pid] = worker
             self._selector.register(old.status_fd, selectors.EVENT_READ, worker)
@@ -239,6 +256,13 @@ class Reloads:
             handover.generation,
         )
         self.start_reload()  # and settings changed in the config file meanwhile
+
+    def _identity(self, config: Config) -> Identity | None:
+        """Who workers of these settings run as; looked up once per (user, group)."""
+        key = (config.user, config.group)
+        if key not in self._identities:
+            self._identities[key] = Identity.resolve(*key)
+        return self._identities[key]
 
     def _generation_workers(self, generation: int) -> list[WorkerProcess]:
         return [w for w in self.workers.values() if w.generation == generation]
@@ -255,3 +279,5 @@ class Reloads:
             os.kill(worker.pid, signum)
         if signum != signal.SIGKILL or not worker.stop_sent:
             worker.stop_sent = signum
+        if worker.heartbeat:
+            worker.heartbeat.set_state(STOPPING)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import AppImportError
+from .identity import Identity, IdentityError
 from .process import set_title
 
 log = logging.getLogger("prefork.target")
@@ -62,10 +63,11 @@ class Target:
             raise AppImportError(f"module {self.module!r} has no object {self.object!r}") from None
         return obj
 
-    def check(self) -> None:
+    def check(self, identity: Identity | None = None) -> None:
         """Import the target in a throwaway child; raise AppImportError if that fails.
 
-        A child, so a broken or half-imported app never lands in the master's memory.
+        A child, so a broken or half-imported app never lands in the master's memory;
+        as the workers' ``identity``, so an app they cannot read fails here.
         """
         read_fd, write_fd = os.pipe()
         pid = os.fork()
@@ -75,9 +77,11 @@ class Target:
                 set_title(f"prefork: import check [{self}]")
                 os.close(read_fd)
                 try:
+                    if identity is not None:
+                        identity.switch()
                     self.load()
                     message = b""
-                except AppImportError as exc:
+                except (AppImportError, IdentityError) as exc:
                     message = str(exc).encode("utf-8", "replace")
                 os.write(write_fd, message or b"ok")
                 code = 0

@@ -18,8 +18,10 @@ import subprocess
 import sys
 from collections.abc import Callable, MutableMapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from . import signals
+from .identity import Identity
 from .systemd import LISTEN_FDS_START
 
 log = logging.getLogger("prefork.upgrade")
@@ -45,6 +47,7 @@ class AdoptedWorker:
     nr: int
     generation: int
     status_fd: int
+    heartbeat_fd: int = -1  # its status page (-1: an image that did not hand one over)
 
 
 @dataclass
@@ -60,6 +63,8 @@ class Handover:
     # connections queued on them survive the upgrade
     slot_sockets: dict[str, list[int]] = field(default_factory=dict)
     binds: list[str] = field(default_factory=list)  # per socket: the --bind it came from
+    board: int = 0  # the status pages' id, which adopted workers' pages carry
+    served_by_exited: int = 0  # requests served by workers gone before the upgrade
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -80,17 +85,33 @@ def take_handover(environ: MutableMapping[str, str] | None = None) -> Handover |
 class Upgrader:
     """Checks new code in a fresh interpreter, then replaces this process's image."""
 
-    def __init__(self, target: str, argv: list[str], cwd: str, timeout: float) -> None:
+    def __init__(
+        self,
+        target: str,
+        argv: list[str],
+        cwd: str,
+        timeout: float,
+        identity: Identity | None = None,
+    ) -> None:
         self.target = target
+        self.identity = identity  # the check imports the app as the workers would
         self.argv = argv  # the arguments after "prefork", as first given
         self.cwd = cwd  # where they were given (before --chdir)
         self.timeout = timeout or None
 
     def check(self, app_dir: str) -> str | None:
         """Import prefork and the target in a fresh interpreter; the problem, or None."""
+        as_workers: dict[str, Any] = {}
+        if self.identity is not None and self.identity.uid != os.geteuid():
+            as_workers = {
+                "user": self.identity.uid,
+                "group": self.identity.gid,
+                "extra_groups": list(self.identity.groups),
+            }
         try:
             result = subprocess.run(
                 [sys.executable, "-c", _CHECK, self.target],
+                **as_workers,
                 cwd=app_dir,
                 capture_output=True,
                 text=True,
@@ -120,6 +141,8 @@ class Upgrader:
             )
             for worker in handover.workers:
                 worker.status_fd = moved[worker.status_fd]
+                if worker.heartbeat_fd >= 0:
+                    worker.heartbeat_fd = moved[worker.heartbeat_fd]
             for fds in handover.slot_sockets.values():
                 fds[:] = [moved[fd] if fd >= 0 else -1 for fd in fds]
             env = dict(os.environ, LISTEN_FDS=str(len(socket_fds)), LISTEN_PID=str(os.getpid()))

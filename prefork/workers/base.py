@@ -29,9 +29,11 @@ from functools import partial
 from typing import Any, NoReturn
 
 from .. import log as prefork_log
-from .. import signals
-from ..errors import EXIT_BOOT_ERROR, EXIT_IMPORT_ERROR, EXIT_OK, AppImportError
+from .. import reloader, signals
+from ..access import AccessLog
+from ..errors import EXIT_BOOT_ERROR, EXIT_IMPORT_ERROR, EXIT_OK, AppImportError, PreforkError
 from ..heartbeat import Heartbeat
+from ..identity import Identity
 from ..process import set_title
 from ..worker_process import WorkerInfo
 
@@ -52,6 +54,7 @@ def _dump_stack_to_log_on_signal() -> None:
 
 
 READY = b"R"  # status pipe: booted, accepting
+RELOAD = b"H"  # status pipe: --reload saw the app's code change
 RETIRE = b"M"  # status pipe: served --max-requests, please start my successor
 BOOT_ERROR = b"E"  # status pipe: followed by a one-line cause, then the worker exits
 
@@ -73,6 +76,11 @@ class WorkerSpec:
     request_timeout: float = 0.0  # fork workers: kill a connection child running longer
     loader: Loader | None = None
     inherited_fds: list[int] = field(default_factory=list)  # the master's, closed at boot
+    inherited_pages: list[Heartbeat] = field(default_factory=list)  # siblings', unmapped at boot
+    access_log: str | None = None  # path, "-" for stderr; None: no access log
+    identity: Identity | None = None  # --user/--group: who to become before serving
+    watch_code: bool = False  # --reload, in slot 1: ask for a reload when the app changes
+    log_format: str = "text"
 
 
 class Worker:
@@ -91,6 +99,7 @@ class Worker:
         self.selector = selectors.DefaultSelector()
         self._accepting = False
         self._timed: dict[Any, float] = {}  # servers with a .timeout -> last activity
+        self.access: AccessLog | None = None
         self.info = WorkerInfo(spec.nr, spec.generation, os.getpid())
 
     # -- entry point, in the child right after fork ---------------------------------------
@@ -111,6 +120,8 @@ class Worker:
                 log.exception("worker %d (pid %d) crashed", self.spec.nr, os.getpid())
                 code = 1
         finally:
+            if self.access is not None:
+                self.access.close()
             for stream in (sys.stdout, sys.stderr):
                 with contextlib.suppress(Exception):  # a closed stream must not block the exit
                     stream.flush()
@@ -122,6 +133,11 @@ class Worker:
         for fd in spec.inherited_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        for page in spec.inherited_pages:
+            page.close()
+        spec.heartbeat.release_fd()  # the mapping stays; status readers use the master's fd
+        if spec.identity is not None:
+            spec.identity.switch()  # before any hook or app code; failing, we never serve
         prefork_log.set_slot(f"worker {spec.nr}")
         for signum in _HANDLED:
             signal.signal(signum, self.wakeup.handler)
@@ -137,6 +153,12 @@ class Worker:
             handler_class = spec.loader()
             for server in self.servers:
                 server.RequestHandlerClass = handler_class
+        if spec.watch_code:
+            reloader.start_watching(reloader.module_files(), self._code_changed)
+        if spec.access_log:
+            self.access = AccessLog(spec.access_log, spec.log_format, spec.nr)
+            for server in self.servers:  # an instance attribute: no cost when off
+                server.finish_request = self.access.wrap(server.finish_request)
         for server, own in zip(self.servers, spec.sockets, strict=True):
             if own is not None:  # this worker's SO_REUSEPORT sibling replaces the shared one
                 server.socket.close()
@@ -148,19 +170,28 @@ class Worker:
         self.resume_accepting()
         os.write(spec.status_fd, READY)
 
+    def _code_changed(self, paths: set[str]) -> None:
+        """The reloader's thread: one line, then the master reloads as on HUP."""
+        names = ", ".join(sorted(os.path.relpath(p) for p in paths))
+        log.info("--reload: %s changed; asking the master to reload", names)
+        with contextlib.suppress(OSError):
+            os.write(self.spec.status_fd, RELOAD)
+
     def _report_boot_error(self, exc: Exception, code: int) -> int:
-        message = str(exc) if isinstance(exc, AppImportError) else f"{type(exc).__name__}: {exc}"
+        message = str(exc) if isinstance(exc, PreforkError) else f"{type(exc).__name__}: {exc}"
         with contextlib.suppress(OSError):
             os.write(self.spec.status_fd, BOOT_ERROR + " ".join(message.split()).encode()[:4000])
         return code
 
     # -- the loop ------------------------------------------------------------------------
     def serve(self) -> int:
-        select, beat = self.selector.select, self.spec.heartbeat.beat
+        select, beat, access = self.selector.select, self.spec.heartbeat.beat, self.access
         while self.alive or not self.is_idle():
             for key, _ in select(self._select_timeout()):
                 key.data()
             beat()
+            if access is not None:
+                access.maybe_flush()
             for server in self.servers:
                 server.service_actions()
             if self._timed:
@@ -221,6 +252,8 @@ class Worker:
         return True
 
     def quit_now(self) -> NoReturn:
+        if self.access is not None:
+            self.access.close()
         os._exit(EXIT_OK)
 
     def pause_accepting(self) -> None:
@@ -253,9 +286,12 @@ class Worker:
                 self.stop_accepting()  # retired: siblings serve the queue
             elif signum in (signal.SIGQUIT, signal.SIGINT):
                 self.quit_now()
-            elif signum == signal.SIGUSR1 and prefork_log.reopen():
-                _dump_stack_to_log_on_signal()
-                log.debug("worker %d (pid %d) reopened its log file", self.spec.nr, os.getpid())
+            elif signum == signal.SIGUSR1:
+                if self.access is not None:
+                    self.access.reopen()
+                if prefork_log.reopen():
+                    _dump_stack_to_log_on_signal()
+                    log.debug("worker %d (pid %d) reopened its log file", self.spec.nr, os.getpid())
 
     def _drain_backlog(self) -> None:
         """Serve what the kernel already queued; stop accepting once every queue is empty.

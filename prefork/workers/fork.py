@@ -39,8 +39,10 @@ class ForkWorker(Worker):
                 self._children[pid] = (started, client)
 
     def tick(self) -> None:
-        """--timeout for slow handlers: a connection child running longer is killed, and
-        only its own connection is lost (the worker and its other children go on)."""
+        """Publish how many children serve; --timeout for slow handlers: a connection
+        child running longer is killed, and only its own connection is lost (the worker
+        and its other children go on)."""
+        self.spec.heartbeat.set_active(sum(len(s.active_children or ()) for s in self.servers))
         if not self._children:
             return
         now, timeout = time.monotonic(), self.spec.request_timeout
@@ -76,6 +78,8 @@ class ForkWorker(Worker):
         return not any(s.active_children for s in self.servers)
 
     def quit_now(self) -> NoReturn:
+        if self.access is not None:
+            self.access.close()
         for server in self.servers:
             for pid in server.active_children or ():
                 with contextlib.suppress(OSError):
@@ -91,6 +95,8 @@ class ForkWorker(Worker):
         for fd in (self.spec.status_fd, self.wakeup.read_fd, self.wakeup.write_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        if self.access is not None:
+            self.access.direct = True  # it exits right after its request
         _die_with_parent()
 
 

@@ -30,6 +30,7 @@ class ThreadWorker(Worker):
     def process(self, server: Any, request: Any, client_address: Any) -> None:
         with self._lock:
             self.busy += 1
+            self.spec.heartbeat.set_active(self.busy)
         try:
             server.process_request(request, client_address)  # starts the thread
         except BaseException:
@@ -51,6 +52,7 @@ class ThreadWorker(Worker):
         """Called at the end of every request thread (PreForkMixIn.process_request_thread)."""
         with self._lock:
             self.busy -= 1
+            self.spec.heartbeat.set_active(self.busy)
             wake = self._wake_when_done and notify
         if wake:
             self.wakeup.notify()

@@ -1,0 +1,153 @@
+"""The status pages: what ``prefork status`` reads, without asking the master anything.
+
+The master publishes its own facts (generation, binds, pool size, state...) as JSON in
+a memfd named ``prefork-master``, and holds one ``prefork-worker`` memfd per worker
+(``heartbeat.py``). A reader finds them among the master's descriptors in /proc/PID/fd
+and reads them with pread: the master's loop is never involved, so status works even
+while the master is busy or stuck, which is when it is wanted most. The kernel lets only
+the master's own user and root open them.
+
+The master page is a sequence lock: the sequence number is odd while the master writes,
+and a reader retries until it reads the same even number before and after the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .heartbeat import MEMFD_NAME as WORKER_MEMFD_NAME
+from .heartbeat import PAGE_SIZE, WorkerPage
+
+MASTER_MEMFD_NAME = "prefork-master"
+_SEQUENCE = struct.Struct("Q")
+_LENGTH = struct.Struct("I")
+_DATA_OFFSET = _SEQUENCE.size + _LENGTH.size
+_READ_ATTEMPTS = 100
+
+
+class StatusError(Exception):
+    """Why a process's status cannot be read: one line for the user."""
+
+
+class MasterPage:
+    """The master's side: publish its facts when they change."""
+
+    def __init__(self) -> None:
+        self._fd = os.memfd_create(MASTER_MEMFD_NAME, os.MFD_CLOEXEC)
+        self._sequence = 0
+        self._published = b""
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def publish(self, facts: dict[str, Any]) -> None:
+        data = json.dumps(facts, sort_keys=True).encode()
+        if data == self._published:
+            return
+        self._sequence += 1  # odd: being written
+        os.pwrite(self._fd, _SEQUENCE.pack(self._sequence), 0)
+        os.pwrite(self._fd, _LENGTH.pack(len(data)) + data, _SEQUENCE.size)
+        self._sequence += 1
+        os.pwrite(self._fd, _SEQUENCE.pack(self._sequence), 0)
+        self._published = data
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@dataclass
+class Board:
+    """One master's facts and its workers' pages, as read at one moment."""
+
+    master: dict[str, Any]
+    workers: list[WorkerPage] = field(default_factory=list)
+
+
+def read_boards(pid: int) -> list[Board]:
+    """Every prefork master running in process ``pid`` (one, unless a program runs several
+    servers), with its workers. StatusError when there is none or it cannot be read."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except FileNotFoundError:
+        raise StatusError(f"no process with PID {pid}") from None
+    except PermissionError:
+        raise StatusError(
+            f"cannot read the status of PID {pid}: permission denied "
+            "(run as the server's user or as root)"
+        ) from None
+    masters: list[dict[str, Any]] = []
+    workers: list[WorkerPage] = []
+    now = time.monotonic()
+    for name in names:
+        try:
+            target = os.readlink(f"{fd_dir}/{name}")
+        except OSError:
+            continue  # closed meanwhile
+        is_master = target.startswith(f"/memfd:{MASTER_MEMFD_NAME} ")
+        if not is_master and not target.startswith(f"/memfd:{WORKER_MEMFD_NAME} "):
+            continue
+        try:
+            fd = os.open(f"{fd_dir}/{name}", os.O_RDONLY)
+        except FileNotFoundError:
+            continue  # a worker's page closed as it exited
+        except PermissionError:
+            raise StatusError(
+                f"cannot read the status of PID {pid}: permission denied "
+                "(run as the server's user or as root)"
+            ) from None
+        try:
+            if is_master:
+                masters.append(_read_master_page(fd))
+            else:
+                page = WorkerPage.parse(os.pread(fd, PAGE_SIZE, 0), now)
+                if page.pid:  # zero until the master has forked it
+                    workers.append(page)
+        finally:
+            os.close(fd)
+    if not masters:
+        raise StatusError(f"PID {pid} is not a prefork master{_master_hint(pid)}")
+    boards = [Board(m) for m in sorted(masters, key=lambda m: m.get("board", 0))]
+    by_id = {b.master.get("board"): b for b in boards}
+    unique = {(p.board, p.pid): p for p in workers}  # see heartbeat._UNTRACKED
+    for page in sorted(unique.values(), key=lambda p: (p.slot, p.generation, p.pid)):
+        if page.board in by_id:
+            by_id[page.board].workers.append(page)
+    return boards
+
+
+def _read_master_page(fd: int) -> dict[str, Any]:
+    for _ in range(_READ_ATTEMPTS):
+        header = os.pread(fd, _DATA_OFFSET, 0)
+        if len(header) < _DATA_OFFSET:
+            time.sleep(0.001)  # created, not yet published: the master's next turn writes it
+            continue
+        (before,) = _SEQUENCE.unpack_from(header)
+        (length,) = _LENGTH.unpack_from(header, _SEQUENCE.size)
+        if before % 2:
+            continue
+        data = os.pread(fd, length, _DATA_OFFSET)
+        (after,) = _SEQUENCE.unpack(os.pread(fd, _SEQUENCE.size, 0))
+        if before == after:
+            facts: dict[str, Any] = json.loads(data)
+            return facts
+    raise StatusError("the master's status page keeps changing; try again")
+
+
+def _master_hint(pid: int) -> str:
+    """A worker's PID given instead of its master's: say which one to ask."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            ppid = int(stat.read().rsplit(b")", 1)[1].split()[1])
+        with open(f"/proc/{pid}/maps", "rb") as maps:
+            is_worker = f"/memfd:{WORKER_MEMFD_NAME}".encode() in maps.read()
+    except (OSError, ValueError, IndexError):
+        return ""
+    return f" (it is a prefork worker; its master is PID {ppid})" if is_worker else ""
