@@ -45,6 +45,10 @@ def test_library_settings_are_mixin_class_attributes() -> None:
         ({"binds": ()}, "binds must name at least one address"),
         ({"binds": ("a", 1)}, "binds must be a tuple of a string"),
         ({"log_level": "loud"}, "log_level must be one of"),
+        ({"umask": "089"}, "umask must be an octal mode such as 660 or 027, got '089'"),
+        ({"socket_mode": 660}, "socket_mode must be a string or None, got 660"),
+        ({"access_log": 1}, "access_log must be a string or None"),
+        ({"reload": "on"}, "reload must be true or false"),
     ],
 )
 def test_impossible_values_raise_config_error_naming_the_setting(settings, message) -> None:
@@ -103,6 +107,7 @@ def test_config_file_keys_are_long_option_names(tmp_path: Path) -> None:
         ('worker_class = "gevent"\n', "worker_class must be one of"),
         ("bind = [1]\n", "bind must be a tuple of a string"),
         ("workers = [\n", "not valid TOML"),
+        ("socket_mode = 660\n", "socket_mode must be a string or None, got 660"),
     ],
 )
 def test_config_file_errors_name_the_file_and_key(
@@ -140,3 +145,36 @@ def test_print_config_output_reads_back_as_the_same_settings(tmp_path: Path) -> 
     )
     path = write(tmp_path, to_toml(config))
     assert Config(**read_config_file(path)) == config
+
+
+from conftest import run_cli  # noqa: E402
+
+from prefork.errors import ConfigError  # noqa: E402
+from prefork.identity import parse_mode  # noqa: E402
+
+
+def test_bad_identity_and_mode_values_are_one_line_from_the_cli(app_dir: Path):
+    cases = {
+        ("--user", "no-such-user-here"): "Error: unknown user 'no-such-user-here'",
+        ("--group", "no-such-group-here"): "Error: unknown group 'no-such-group-here'",
+        ("--umask", "089"): "Error: umask must be an octal mode such as 660 or 027, got '089'",
+        ("--socket-mode", "rw"): "Error: socket_mode must be an octal mode",
+    }
+    for args, message in cases.items():
+        result = run_cli("run", "apps:Echo", *args, cwd=app_dir)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith(message), result.stderr
+        assert len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "mode"), [("660", 0o660), ("0660", 0o660), ("0o027", 0o027), ("7", 0o7)]
+)
+def test_parse_mode_accepts_octal(text: str, mode: int) -> None:
+    assert parse_mode("socket_mode", text) == mode
+
+
+@pytest.mark.parametrize("text", ["", "8", "1777", "0x1f", "-1", "rw-"])
+def test_parse_mode_rejects_the_rest(text: str) -> None:
+    with pytest.raises(ConfigError, match="socket_mode must be an octal mode"):
+        parse_mode("socket_mode", text)

@@ -20,9 +20,6 @@ import psutil
 import pytest
 from conftest import ROOT, run_cli, wait_until
 
-from prefork.errors import ConfigError
-from prefork.identity import parse_mode
-
 NOBODY = 65534
 DROP_TO_NOBODY = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups"]
 
@@ -145,30 +142,3 @@ def test_a_worker_that_cannot_switch_never_serves(open_dir: Path):
         last = result.stderr.strip().splitlines()[-1]
         assert "cannot switch to user root (uid 0, gid 0): Operation not permitted" in last
         assert "Traceback" not in result.stderr
-
-
-def test_bad_identity_and_mode_values_are_one_line(app_dir: Path):
-    cases = {
-        ("--user", "no-such-user-here"): "Error: unknown user 'no-such-user-here'",
-        ("--group", "no-such-group-here"): "Error: unknown group 'no-such-group-here'",
-        ("--umask", "089"): "Error: umask must be an octal mode such as 660 or 027, got '089'",
-        ("--socket-mode", "rw"): "Error: socket_mode must be an octal mode",
-    }
-    for args, message in cases.items():
-        result = run_cli("run", "apps:Echo", *args, cwd=app_dir)
-        assert result.returncode == 2, (args, result.stderr)
-        assert result.stderr.startswith(message), result.stderr
-        assert len(result.stderr.splitlines()) == 1
-
-
-@pytest.mark.parametrize(
-    ("text", "mode"), [("660", 0o660), ("0660", 0o660), ("0o027", 0o027), ("7", 0o7)]
-)
-def test_parse_mode_accepts_octal(text: str, mode: int) -> None:
-    assert parse_mode("socket_mode", text) == mode
-
-
-@pytest.mark.parametrize("text", ["", "8", "1777", "0x1f", "-1", "rw-"])
-def test_parse_mode_rejects_the_rest(text: str) -> None:
-    with pytest.raises(ConfigError, match="socket_mode must be an octal mode"):
-        parse_mode("socket_mode", text)

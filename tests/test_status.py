@@ -8,11 +8,13 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import echo_line, run_cli, wait_until
+from conftest import ROOT, echo_line, run_cli, wait_until
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -216,3 +218,50 @@ def test_page_layout_fits_one_page() -> None:
     assert heartbeat._IDENTITY_OFFSET + heartbeat._IDENTITY.size <= heartbeat.PAGE_SIZE
     assert heartbeat._CLIENT_OFFSET + heartbeat.CLIENT_MAX <= heartbeat._ACTIVE_OFFSET
     assert struct.calcsize("I") + heartbeat._ACTIVE_OFFSET <= heartbeat._DRAIN_OFFSET
+
+
+LIBRARY_SERVER = """
+import socketserver, prefork
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(self.rfile.readline())
+server = prefork.PreForkTCPServer(("127.0.0.1", 0), Echo, workers=2)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def test_status_of_a_library_server(app_dir: Path):
+    """A program serving with PreForkTCPServer is a master too: status reads it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LIBRARY_SERVER],
+        cwd=app_dir,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        ready = wait_until(
+            lambda: (
+                [w for w in status_json(proc.pid, app_dir)["workers"] if w["state"] == "idle"]
+                if len(status_json(proc.pid, app_dir)["workers"]) == 2
+                else None
+            ),
+            message="2 idle workers",
+        )
+        assert len(ready) == 2
+        assert echo_line(("127.0.0.1", port)) == b"ping"
+        wait_until(lambda: served(proc.pid, app_dir) == 1, message="the request counted")
+        master = status_json(proc.pid, app_dir)["master"]
+        assert master["pid"] == proc.pid and master["binds"] == [f"127.0.0.1:{port}"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
