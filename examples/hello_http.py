@@ -23,6 +23,8 @@ class HelloHandler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:  # the client sent "Connection: close": say we close
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 

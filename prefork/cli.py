@@ -37,7 +37,7 @@ from .mixin import PreForkMixIn
 from .process import Pidfile
 from .signals import MASTER_SIGNALS, SignalRoute, Wakeup, unblock_all
 from .systemd import take_listen_fds
-from .target import Target, add_cwd_to_path
+from .target import Target, add_cwd_to_path, import_stdlib
 from .upgrade import Upgrader, take_handover
 from .version import __version__
 from .workers import SERVER_MIXINS
@@ -128,7 +128,9 @@ def run(ctx: click.Context, /, target: str, print_config: bool, **options: Any) 
         if config.preload:
             handler = app.load()  # once, in the master; workers share it copy-on-write
         else:
-            app.check(identity)  # in a throwaway child: the master never imports the app
+            # In a throwaway child: the master never imports the app, only the parts of
+            # the standard library it uses, which workers then inherit (target.py).
+            import_stdlib(app.check(identity))
         _open_logs(config, identity)
     except PreforkError as exc:
         raise StartupError(str(exc)) from None

@@ -202,6 +202,18 @@ class PreForkMixIn:
         finally:
             self._prefork_request_done()
 
+    def shutdown_request(self, request: Any) -> None:
+        """End a connection: close it, as TCPServer does, without its shutdown(SHUT_WR)
+        when close() alone sends the FIN, which is when no file from makefile() is left
+        open on it. socketserver shuts down first for the case where one is (the close
+        would then wait for the garbage collector): so do we. One syscall fewer per
+        connection, measured at 5-15% of a small HTTP request's cost (docs/design.md).
+        Datagram servers and subclasses that override this are unaffected."""
+        if getattr(request, "_io_refs", None) == 0:
+            self.close_request(request)  # type: ignore[attr-defined]
+        else:
+            super().shutdown_request(request)  # type: ignore[misc]
+
     def _prefork_request_done(self) -> None:
         """Replaced by the thread worker in its process."""
 

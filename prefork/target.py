@@ -3,6 +3,13 @@
 The master never imports the app itself: it checks the import in a throwaway child
 (``Target.check``) and each worker imports it after the fork (``Target.load``). That keeps
 the master's memory free of app code, so a reload can give workers freshly imported code.
+
+The standard library is another matter: it does not change while the interpreter runs.
+The check reports which standard-library modules the app's import pulled in, and the
+master imports those (``import_stdlib``). Every worker then inherits them already
+imported: a worker replaced after a crash, or a reload's new generation, boots in a
+few milliseconds instead of re-importing http.server or email, and the modules' memory
+is shared copy-on-write.
 """
 
 from __future__ import annotations
@@ -63,11 +70,12 @@ class Target:
             raise AppImportError(f"module {self.module!r} has no object {self.object!r}") from None
         return obj
 
-    def check(self, identity: Identity | None = None) -> None:
+    def check(self, identity: Identity | None = None) -> list[str]:
         """Import the target in a throwaway child; raise AppImportError if that fails.
 
         A child, so a broken or half-imported app never lands in the master's memory;
-        as the workers' ``identity``, so an app they cannot read fails here.
+        as the workers' ``identity``, so an app they cannot read fails here. Returns the
+        standard-library modules the import pulled in (see ``import_stdlib``).
         """
         read_fd, write_fd = os.pipe()
         pid = os.fork()
@@ -79,11 +87,14 @@ class Target:
                 try:
                     if identity is not None:
                         identity.switch()
+                    before = set(sys.modules)
                     self.load()
-                    message = b""
+                    stdlib = stdlib_modules(set(sys.modules) - before)
+                    message = "\n".join(["ok", *stdlib]).encode()
                 except (AppImportError, IdentityError) as exc:
                     message = str(exc).encode("utf-8", "replace")
-                os.write(write_fd, message or b"ok")
+                with os.fdopen(write_fd, "wb") as pipe:
+                    pipe.write(message)
                 code = 0
             finally:
                 os._exit(code)
@@ -93,11 +104,47 @@ class Target:
             chunks.append(pipe.read())
         _, status = os.waitpid(pid, 0)
         answer = b"".join(chunks).decode("utf-8", "replace")
-        if answer != "ok":
+        first, _, rest = answer.partition("\n")
+        if first != "ok":
             if not answer:
                 code = os.waitstatus_to_exitcode(status)
                 answer = f"cannot import {self.module!r}: the import ended the process ({code})"
             raise AppImportError(answer)
+        return rest.split()
+
+
+# Standard-library modules never imported ahead of the app: they act when imported
+# (open a browser, print, touch the terminal) or exist for tools, not servers.
+_NOT_AHEAD = frozenset(
+    {"__main__", "antigravity", "this", "idlelib", "turtle", "turtledemo", "tkinter",
+     "readline", "rlcompleter", "pydoc", "site", "test", "lib2to3", "ensurepip", "venv"}
+)  # fmt: skip
+
+
+def stdlib_modules(names: set[str]) -> list[str]:
+    """The standard library's modules among ``names`` (submodules included)."""
+    return sorted(
+        name
+        for name in names
+        if (top := name.partition(".")[0]) in sys.stdlib_module_names and top not in _NOT_AHEAD
+    )
+
+
+def import_stdlib(names: list[str]) -> int:
+    """Import, in the master, the standard-library modules the app's import uses (as
+    reported by ``Target.check``); how many are now imported. A module that fails is
+    left to the workers, as it would have been."""
+    imported = 0
+    for name in stdlib_modules(set(names)):
+        if name in sys.modules:
+            imported += 1
+            continue
+        try:
+            importlib.import_module(name)
+            imported += 1
+        except Exception:
+            log.debug("importing %s ahead of the workers failed", name, exc_info=True)
+    return imported
 
 
 def _last_line(exc: BaseException) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -247,3 +248,31 @@ def test_bad_server_class_is_one_line(app_dir: Path) -> None:
         run_cli("run", "apps:Echo", "--server-class", "nomod:X", "-b", "127.0.0.1:0", cwd=app_dir),
         "cannot import 'nomod'",
     )
+
+
+# -- the standard library, imported ahead in the master ---------------------------------------
+from prefork.target import Target, import_stdlib, stdlib_modules  # noqa: E402
+
+
+def test_stdlib_modules_are_the_standard_librarys_only() -> None:
+    names = {"colorsys", "json.decoder", "this", "antigravity", "__main__", "myapp", "click"}
+    assert stdlib_modules(names) == ["colorsys", "json.decoder"]
+
+
+def test_check_reports_the_stdlib_the_app_imports_and_the_master_imports_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "helper_mod.py").write_text("VALUE = 1\n")
+    (tmp_path / "stdapp.py").write_text(
+        "import colorsys, socketserver, helper_mod\n"
+        "class H(socketserver.BaseRequestHandler):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    names = Target.parse("stdapp:H").check()
+    assert "colorsys" in names
+    assert "helper_mod" not in names and "stdapp" not in names  # app code stays out
+    assert "stdapp" not in sys.modules  # the check imported it in a child, not here
+    assert import_stdlib([*names, "helper_mod", "this"]) >= 1
+    assert "colorsys" in sys.modules
+    assert "helper_mod" not in sys.modules and "this" not in sys.modules

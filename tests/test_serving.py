@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+import pytest
 from conftest import echo_line, wait_until
 
 
@@ -194,3 +195,36 @@ def test_accepted_tcp_connections_have_nodelay_unless_turned_off(serve, listener
         off = serve("apps:NoDelay", "-w", "1", "--no-tcp-nodelay", listen_on=plain)
         off.wait_ready(1)
         assert echo_line(plain.getsockname()) == b"0"
+
+
+LEAKY_APP = """
+import socketserver
+KEPT = []
+class Closes(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(b"bye\\n")
+class KeepsAFile(socketserver.BaseRequestHandler):
+    def handle(self):
+        kept = self.request.makefile("wb")  # never closed: close() alone would not end it
+        KEPT.append(kept)
+        kept.write(b"kept\\n")
+        kept.flush()
+"""
+
+
+@pytest.mark.parametrize(("handler", "answer"), [("Closes", b"bye\n"), ("KeepsAFile", b"kept\n")])
+@pytest.mark.parametrize("worker_class", ["sync", "thread", "fork"])
+def test_connection_ends_when_the_handler_returns(
+    serve, listener, app_dir: Path, handler, answer, worker_class
+):
+    """prefork closes without socketserver's shutdown(SHUT_WR) when close() alone sends
+    the FIN; a handler that keeps a file open on the socket still gets it shut down."""
+    (app_dir / "leaky.py").write_text(LEAKY_APP)
+    server = serve(f"leaky:{handler}", "-w", "1", "-k", worker_class, listen_on=listener)
+    server.wait_ready(1)
+    for _ in range(3):
+        with socket.create_connection(listener.getsockname(), timeout=5) as conn:
+            data = b""
+            while chunk := conn.recv(100):  # EOF, or a timeout that fails the test
+                data += chunk
+            assert data == answer
