@@ -77,6 +77,7 @@ SCENARIOS = (
         (
             _prefork("hello", 1),
             _prefork("hello", 2),
+            _prefork("hello", 1, "thread"),
             _prefork("hello", 2, "thread"),
             _floor("hello", 1),
             _floor("hello", 2),
@@ -96,6 +97,7 @@ SCENARIOS = (
             _prefork("hello", 1, "thread"),
             _prefork("hello", 2, "thread"),
             _stdlib("hello", "threading"),
+            _gunicorn(1, "gthread"),
             _gunicorn(2, "gthread"),
             NGINX,
         ),
@@ -108,6 +110,8 @@ SCENARIOS = (
         (
             _prefork("echo", 1),
             _prefork("echo", 2),
+            _prefork("echo", 1, "thread"),
+            _prefork("echo", 2, "thread"),
             _floor("echo", 2),
             _stdlib("echo", "threading"),
             _stdlib("echo", "forking"),
@@ -272,12 +276,25 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [
             "## HUP reload under load (prefork sync -w 2, 4 clients, new connection each)",
             "",
-            f"reload took {r['reload_ms']} ms; {r['requests']} requests, {r['failed']} failed; "
-            f"worst request during the reload {r['worst_during_ms']} ms, normal p99 "
-            f"{r['normal_p99_ms']} ms. Without a reload, the worst request of a window as "
-            f"long: {_window_text(r['normal_window_worst_ms'])}.",
+            f"{r['reloads']} reloads, {r['requests']} requests, {r['failed']} failed. A reload "
+            f"took {r['reload_ms']} ms (median). Worst request during a reload: "
+            f"{r['worst_during_median_ms']} ms (median of the reloads), {r['worst_during_ms']} "
+            f"ms (max); normal p99 {r['normal_p99_ms']} ms. Worst request of quiet windows "
+            f"as long, between the reloads: {_window_text(r['normal_window_worst_ms'])}.",
             "",
         ]
+    if extras.get("keepalive_clients"):
+        lines += [
+            "## Keep-alive clients answered (16 connections open at once, one request each)",
+            "",
+            "| server | answered within 2 s |",
+            "|---|---:|",
+        ]
+        lines += [
+            f"| {r['server']} | {r['answered']} of {r['clients']} |"
+            for r in extras["keepalive_clients"]
+        ]
+        lines.append("")
     if extras.get("startup"):
         lines += ["## Start-up to the first answered request", ""]
         lines += ["| server | ms |", "|---|---:|"]
@@ -386,7 +403,15 @@ def main(argv: list[str] | None = None) -> int:
         gunicorn = _gunicorn(1, "sync")
         if not gunicorn.missing():
             extras["respawn"].append(measure.respawn(gunicorn, kills))
-        extras["reload"] = measure.reload_under_load(1.0 if args.smoke else 3.0)
+        extras["reload"] = (
+            measure.reload_under_load(1.0, reloads=1)
+            if args.smoke
+            else measure.reload_under_load(2.0, reloads=5)
+        )
+        extras["keepalive_clients"] = [
+            measure.keepalive_clients(_prefork("hello", 2)),
+            measure.keepalive_clients(_prefork("hello", 2, "thread")),
+        ]
         extras["startup"] = measure.startup(
             [_prefork("hello", 2), _floor("hello", 2), _stdlib("hello", "threading"),
              _gunicorn(2, "sync")]

@@ -67,6 +67,8 @@ def test_smoke_run_produces_the_full_report(tmp_path: Path) -> None:
     extras = report["extras"]
     assert extras["respawn"][0]["server"].startswith("prefork")
     assert extras["reload"]["failed"] == 0
+    answered = {r["server"]: r["answered"] for r in extras["keepalive_clients"]}
+    assert answered["prefork thread -w 2"] == 16  # every keep-alive client gets a thread
     assert {r["server"] for r in extras["memory"]} == {
         "prefork sync -w 2",
         "prefork sync -w 2 --preload",
