@@ -85,6 +85,8 @@ class ClosedLoop:
 
     port: int
     clients: int = 4
+    max_seconds: float = 120.0  # clients stop by then, or after max_requests, even if
+    max_requests: int = 2_000_000  # nobody stops them
     samples: list[tuple[float, float]] = field(default_factory=list)  # (time, seconds)
     failures: list[tuple[float, str]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -101,7 +103,10 @@ class ClosedLoop:
             thread.join(30)
 
     def _client(self) -> None:
-        while not self._stop.is_set():
+        deadline = time.perf_counter() + self.max_seconds
+        while not self._stop.is_set() and time.perf_counter() < deadline:
+            if len(self.samples) + len(self.failures) >= self.max_requests:
+                return
             now = time.perf_counter()
             try:
                 self.samples.append((now, http_get(self.port, timeout=10)))

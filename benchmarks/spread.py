@@ -22,13 +22,14 @@ import threading
 import time
 from pathlib import Path
 
+from prefork.status import fairness
+
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE_S = 60.0  # no configuration runs longer than this, whatever the counts
 
 
 def jain(counts: list[int]) -> float:
-    total = sum(counts)
-    return total * total / (len(counts) * sum(c * c for c in counts)) if total else 0.0
+    return fairness(counts)["jain"] or 0.0  # prefork status computes the same index
 
 
 def get_pid(port: int) -> int:

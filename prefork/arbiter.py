@@ -103,8 +103,7 @@ class Arbiter(Reloads):
         self._board = handover.board if handover and handover.board else random.getrandbits(31)
         self._served_by_exited = handover.served_by_exited if handover else 0
         self._status_page: MasterPage | None = None
-        self._identities: dict[tuple[str | None, str | None], Identity | None] = {}
-        self._identity(config)  # an unknown user or group fails here, not at a fork
+        Identity.resolve(config.user, config.group)  # an unknown user fails here, not at a fork
         self._poll_interval = 0.5
         self._next_watchdog = 0.0
         self._handlers: dict[int, Callable[[], None]] = {
@@ -264,7 +263,7 @@ class Arbiter(Reloads):
             inherited_fds=self._fds_not_for_worker(nr, status_r),
             inherited_pages=[w.heartbeat for w in self.workers.values() if w.heartbeat],
             access_log=self.config.access_log,
-            identity=self._identity(self.config),
+            identity=Identity.resolve(self.config.user, self.config.group),
             watch_code=self.config.reload and nr == 1,
             log_format=self.config.log_format,
         )

@@ -9,6 +9,7 @@ serves as root.
 
 from __future__ import annotations
 
+import functools
 import grp
 import os
 import pwd
@@ -29,8 +30,11 @@ class Identity:
     groups: tuple[int, ...]
 
     @classmethod
+    @functools.cache
     def resolve(cls, user: str | None, group: str | None) -> Identity | None:
-        """Look the names up once, in the master (None: run workers as the master runs)."""
+        """Look the names up, once per (user, group) for the life of the master (the
+        start, each bind, each HUP and each fork ask again). None: run workers as the
+        master runs. A failed lookup is not remembered: it raises each time."""
         if user is None and group is None:
             return None
         entry = _user_entry(str(os.geteuid()) if user is None else user)

@@ -79,10 +79,9 @@ class Pidfile:
         """The PID in the file, if that process is alive and a prefork master; else None
         (no file, garbage, a dead PID, or a PID reused by something else: stale)."""
         try:
-            with open(self.path) as f:
-                pid = int(f.read().strip())
+            pid = self.read()
             title = psutil.Process(pid).cmdline()
-        except (OSError, ValueError, psutil.Error):
+        except (ConfigError, psutil.Error):
             return None
         return pid if title and title[0].startswith("prefork: master") else None
 

@@ -77,7 +77,6 @@ class Reloads:
     _backoff: dict[int, tuple[float, float]]
     _master_r: int
     _board: int  # the status pages' id
-    _identities: dict[tuple[str | None, str | None], Identity | None]
     _served_by_exited: int
     _master_w: int
     _selector: selectors.DefaultSelector
@@ -169,7 +168,7 @@ class Reloads:
         previous state is kept so that an abandoned reload can put it back.
         """
         new = settings.read()
-        self._identity(new)  # an unknown user or group abandons the reload here
+        Identity.resolve(new.user, new.group)  # an unknown user abandons the reload here
         kept = {
             f.name: getattr(self.config, f.name)
             for f in fields(Config)
@@ -256,13 +255,6 @@ class Reloads:
             handover.generation,
         )
         self.start_reload()  # and settings changed in the config file meanwhile
-
-    def _identity(self, config: Config) -> Identity | None:
-        """Who workers of these settings run as; looked up once per (user, group)."""
-        key = (config.user, config.group)
-        if key not in self._identities:
-            self._identities[key] = Identity.resolve(*key)
-        return self._identities[key]
 
     def _generation_workers(self, generation: int) -> list[WorkerProcess]:
         return [w for w in self.workers.values() if w.generation == generation]

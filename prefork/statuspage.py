@@ -79,10 +79,7 @@ def read_boards(pid: int) -> list[Board]:
     except FileNotFoundError:
         raise StatusError(f"no process with PID {pid}") from None
     except PermissionError:
-        raise StatusError(
-            f"cannot read the status of PID {pid}: permission denied "
-            "(run as the server's user or as root)"
-        ) from None
+        raise _permission_denied(pid) from None
     masters: list[dict[str, Any]] = []
     workers: list[WorkerPage] = []
     now = time.monotonic()
@@ -99,10 +96,7 @@ def read_boards(pid: int) -> list[Board]:
         except FileNotFoundError:
             continue  # a worker's page closed as it exited
         except PermissionError:
-            raise StatusError(
-                f"cannot read the status of PID {pid}: permission denied "
-                "(run as the server's user or as root)"
-            ) from None
+            raise _permission_denied(pid) from None
         try:
             if is_master:
                 masters.append(_read_master_page(fd))
@@ -121,6 +115,13 @@ def read_boards(pid: int) -> list[Board]:
         if page.board in by_id:
             by_id[page.board].workers.append(page)
     return boards
+
+
+def _permission_denied(pid: int) -> StatusError:
+    return StatusError(
+        f"cannot read the status of PID {pid}: permission denied "
+        "(run as the server's user or as root)"
+    )
 
 
 def _read_master_page(fd: int) -> dict[str, Any]:

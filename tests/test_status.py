@@ -98,12 +98,18 @@ def test_status_shows_a_busy_worker_and_its_client(serve, listener, app_dir, wor
     )
 
 
-def test_status_follows_a_reload_and_keeps_counting(serve, listener, app_dir: Path):
+def echo_pool_that_served(count: int, serve, listener, app_dir: Path) -> Any:
+    """Two echo workers that have answered ``count`` requests, as their status says."""
     server = serve("apps:Echo", "-w", "2", listen_on=listener)
     server.wait_ready(2)
-    for _ in range(10):
+    for _ in range(count):
         echo_line(listener.getsockname())
-    wait_until(lambda: served(server.pid, app_dir) == 10, message="10 requests counted")
+    wait_until(lambda: served(server.pid, app_dir) == count, message=f"{count} requests counted")
+    return server
+
+
+def test_status_follows_a_reload_and_keeps_counting(serve, listener, app_dir: Path):
+    server = echo_pool_that_served(10, serve, listener, app_dir)
     server.signal(signal.SIGHUP)
 
     def reloaded() -> dict[str, Any] | None:
@@ -118,11 +124,7 @@ def test_status_follows_a_reload_and_keeps_counting(serve, listener, app_dir: Pa
 
 
 def test_status_survives_an_upgrade_in_place(serve, listener, app_dir: Path):
-    server = serve("apps:Echo", "-w", "2", listen_on=listener)
-    server.wait_ready(2)
-    for _ in range(7):
-        echo_line(listener.getsockname())
-    wait_until(lambda: served(server.pid, app_dir) == 7, message="7 requests counted")
+    server = echo_pool_that_served(7, serve, listener, app_dir)
     server.signal(signal.SIGUSR2)
     wait_until(
         lambda: "reload complete: generation 2 serving" in server.log,

@@ -17,7 +17,6 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from ..errors import EXIT_OK
 from ..heartbeat import describe_client
 from ..process import set_title
 from .base import Worker, WorkerSpec, log
@@ -78,13 +77,11 @@ class ForkWorker(Worker):
         return not any(s.active_children for s in self.servers)
 
     def quit_now(self) -> NoReturn:
-        if self.access is not None:
-            self.access.close()
         for server in self.servers:
             for pid in server.active_children or ():
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
-        os._exit(EXIT_OK)
+        super().quit_now()
 
     def _in_connection_child(self) -> None:
         set_title(f"prefork: connection child [{self.spec.name}]")  # not a worker: no such word
