@@ -103,6 +103,7 @@ class Arbiter(Reloads):
         self._board = handover.board if handover and handover.board else random.getrandbits(31)
         self._served_by_exited = handover.served_by_exited if handover else 0
         self._status_page: MasterPage | None = None
+        self._status_key: tuple[Any, ...] = ()
         Identity.resolve(config.user, config.group)  # an unknown user fails here, not at a fork
         self._poll_interval = 0.5
         self._next_watchdog = 0.0
@@ -476,6 +477,19 @@ class Arbiter(Reloads):
             state = "reloading"
         else:
             state = "serving" if self._announced_ready else "starting"
+        # Called on every turn of the loop: compare the few facts that change before
+        # building the JSON (a reload turns the loop often).
+        key = (
+            state,
+            self.generation,
+            self.reloading,
+            self.target_workers,
+            self._served_by_exited,
+            tuple(map(id, self.servers)),
+        )
+        if key == self._status_key:
+            return
+        self._status_key = key
         self._status_page.publish(
             {
                 "board": self._board,

@@ -66,7 +66,8 @@ def test_smoke_run_produces_the_full_report(tmp_path: Path) -> None:
     assert echo["prefork sync -w 2"]["jain"] is not None  # read through prefork status
     extras = report["extras"]
     assert extras["respawn"][0]["server"].startswith("prefork")
-    assert extras["reload"]["failed"] == 0
+    (reload,) = extras["reload"]  # smoke: prefork only
+    assert reload["failed"] == 0 and reload["reloads"] == 2 and reload["requests"] > 0
     answered = {r["server"]: r["answered"] for r in extras["keepalive_clients"]}
     assert answered["prefork thread -w 2"] == 16  # every keep-alive client gets a thread
     assert {r["server"] for r in extras["memory"]} == {

@@ -166,6 +166,37 @@ def test_verify_request_false_closes_the_connection() -> None:
             assert conn.recv(10) == b""  # closed without being served
 
 
+class ClientPort(socketserver.BaseRequestHandler):
+    """Answers with the client address the server handed over, and the socket's facts."""
+
+    def handle(self) -> None:
+        sock = self.request
+        facts = f"{self.client_address!r} {sock.family!r} {sock.type!r} {sock.gettimeout()!r}"
+        sock.sendall(facts.encode() + b"\n")
+
+
+def test_accepted_socket_is_what_socket_accept_gives() -> None:
+    # The worker accepts without socket.accept's per-connection enum lookups; the
+    # handler must see the same socket and address all the same.
+    with serving(prefork.PreForkTCPServer(("127.0.0.1", 0), ClientPort, workers=1)) as server:  # noqa: SIM117
+        with socket.create_connection(server.server_address, timeout=5) as conn:
+            port = conn.getsockname()[1]
+            answer = conn.makefile("rb").readline().decode()
+    assert answer.split(") ", 1)[0] == f"('127.0.0.1', {port}"
+    assert "<AddressFamily.AF_INET: 2> <SocketKind.SOCK_STREAM: 1> None" in answer
+
+
+def test_get_request_override_is_used() -> None:
+    class Server(prefork.PreForkTCPServer):
+        def get_request(self) -> tuple[Any, Any]:
+            request, _ = super().get_request()
+            return request, ("203.0.113.9", 4242)  # what a PROXY-protocol server might do
+
+    with serving(Server(("127.0.0.1", 0), ClientPort, workers=1)) as server:  # noqa: SIM117
+        with socket.create_connection(server.server_address, timeout=5) as conn:
+            assert conn.makefile("rb").readline().startswith(b"('203.0.113.9', 4242)")
+
+
 def test_hooks_run_in_workers_and_bind_hooks_once_in_master(tmp_path: Path) -> None:
     calls = tmp_path / "calls"
 
