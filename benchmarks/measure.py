@@ -178,10 +178,10 @@ def reload_under_load(server: Server, seconds: float = 1.0, reloads: int = 10) -
         end = gone_at + SETTLE_S
         worst_during.append(_worst_ms(samples, hup_at, end, longest))
         # the quiet time after this reload, cut into windows as long as this one
-        start = end + QUIET_AFTER_S
-        while start + (end - hup_at) <= end + seconds - QUIET_AFTER_S:
-            quiet.append(_worst_ms(samples, start, start + (end - hup_at), longest))
-            start += end - hup_at
+        length, start = end - hup_at, end + QUIET_AFTER_S
+        while start + length <= end + seconds - QUIET_AFTER_S:
+            quiet.append(_worst_ms(samples, start, start + length, longest))
+            start += length
     return {
         "server": server.name,
         "reloads": len(spans),

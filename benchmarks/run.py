@@ -250,78 +250,86 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     for scenario in report["scenarios"]:
-        lines += [f"## {scenario['title']}", ""]
-        lines += [
-            "| server | req/s | min-max | p50 ms | p99 ms | errors | Jain |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
+        rows = []
         for row in sorted(scenario["rows"], key=lambda r: -r["rps"]):
             jain = "" if row["jain"] is None else f"{row['jain']:.3f}"
-            lines.append(
+            rows.append(
                 f"| {row['server']} | {row['rps']} | {row['rps_min']}-{row['rps_max']} | "
                 f"{_fmt(row['p50_ms'])} | {_fmt(row['p99_ms'])} | {row['errors']} | {jain} |"
             )
-        for name, why in scenario["skipped"].items():
-            lines.append(f"| {name} | skipped: {why} | | | | | |")
-        lines.append("")
+        rows += [
+            f"| {name} | skipped: {why} | | | | | |" for name, why in scenario["skipped"].items()
+        ]
+        columns = ["server", "req/s", "min-max", "p50 ms", "p99 ms", "errors", "Jain"]
+        lines += _section(scenario["title"], columns, "lrrrrrr", rows)
     extras = report["extras"]
     if extras.get("respawn"):
-        lines += ["## Worker replacement after SIGKILL (to the replacement's first answer)", ""]
-        lines += ["| server | kills | median ms | max ms |", "|---|---:|---:|---:|"]
-        for row in extras["respawn"]:
-            lines.append(
-                f"| {row['server']} | {row['kills']} | {row['median_ms']} | {row['max_ms']} |"
-            )
-        lines.append("")
+        lines += _section(
+            "Worker replacement after SIGKILL (to the replacement's first answer)",
+            ["server", "kills", "median ms", "max ms"],
+            "lrrr",
+            [
+                f"| {r['server']} | {r['kills']} | {r['median_ms']} | {r['max_ms']} |"
+                for r in extras["respawn"]
+            ],
+        )
     if extras.get("reload"):
-        lines += [
-            "## HUP reload under load (4 client processes, a new connection per request)",
-            "",
-            "A reload's window runs from the HUP until the old workers have exited, plus "
-            f"{measure.SETTLE_S * 1000:g} ms; bound: 2 x the p99 before the first HUP. "
-            "Quiet windows: as long as the reload's, cut from the time between reloads.",
-            "",
-            "| server | reloads | requests | failed | reload ms | normal p99 ms "
-            "| worst during, median (max) ms | reloads over bound "
-            "| quiet windows: worst, median (max) ms | quiet over bound |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for r in extras["reload"]:
-            lines.append(
+        lines += _section(
+            "HUP reload under load (4 client processes, a new connection per request)",
+            [
+                "server",
+                "reloads",
+                "requests",
+                "failed",
+                "reload ms",
+                "normal p99 ms",
+                "worst during, median (max) ms",
+                "reloads over bound",
+                "quiet windows: worst, median (max) ms",
+                "quiet over bound",
+            ],  # fmt: skip
+            "lrrrrrrrrr",
+            [
                 f"| {r['server']} | {r['reloads']} | {r['requests']} | {r['failed']} "
                 f"| {r['reload_ms']} | {r['normal_p99_ms']} "
                 f"| {r['worst_during_median_ms']} ({r['worst_during_ms']}) "
                 f"| {r['reloads_over_bound']} of {r['reloads']} "
                 f"| {r['quiet_worst_median_ms']} ({r['quiet_worst_max_ms']}) "
                 f"| {r['quiet_over_bound']} of {r['quiet_windows']} |"
-            )
-        lines.append("")
+                for r in extras["reload"]
+            ],
+            intro="A reload's window runs from the HUP until the old workers have exited, "
+            f"plus {measure.SETTLE_S * 1000:g} ms; bound: 2 x the p99 before the first HUP. "
+            "Quiet windows: as long as the reload's, cut from the time between reloads.",
+        )
     if extras.get("keepalive_clients"):
-        lines += [
-            "## Keep-alive clients answered (16 connections open at once, one request each)",
-            "",
-            "| server | answered within 2 s |",
-            "|---|---:|",
-        ]
-        lines += [
-            f"| {r['server']} | {r['answered']} of {r['clients']} |"
-            for r in extras["keepalive_clients"]
-        ]
-        lines.append("")
+        lines += _section(
+            "Keep-alive clients answered (16 connections open at once, one request each)",
+            ["server", "answered within 2 s"],
+            "lr",
+            [
+                f"| {r['server']} | {r['answered']} of {r['clients']} |"
+                for r in extras["keepalive_clients"]
+            ],
+        )
     if extras.get("startup"):
-        lines += ["## Start-up to the first answered request", ""]
-        lines += ["| server | ms |", "|---|---:|"]
-        lines += [f"| {r['server']} | {r['ready_ms']} |" for r in extras["startup"]]
-        lines.append("")
+        lines += _section(
+            "Start-up to the first answered request",
+            ["server", "ms"],
+            "lr",
+            [f"| {r['server']} | {r['ready_ms']} |" for r in extras["startup"]],
+        )
     if extras.get("memory"):
-        lines += ["## Memory (USS: what only that process holds)", ""]
-        lines += ["| server | per worker MB | master MB |", "|---|---:|---:|"]
-        lines += [
-            f"| {r['server']} | {r['uss_per_worker_mb']} | {r['master_uss_mb']} |"
-            for r in extras["memory"]
-        ]
-        lines.append("")
-    lines += ["## The bar", "", "| ratio | measured | wanted | met |", "|---|---:|---:|---|"]
+        lines += _section(
+            "Memory (USS: what only that process holds)",
+            ["server", "per worker MB", "master MB"],
+            "lrr",
+            [
+                f"| {r['server']} | {r['uss_per_worker_mb']} | {r['master_uss_mb']} |"
+                for r in extras["memory"]
+            ],
+        )
+    checks = []
     for check in report["bar"]:
         wanted = (
             f">= {check['at_least']}"
@@ -331,8 +339,26 @@ def render_markdown(report: dict[str, Any]) -> str:
             else "0 failed; 0 reloads over"
         )
         met = {True: "yes", False: "**no**", None: "not measured"}[check["met"]]
-        lines.append(f"| {check['what']} | {check['ratio']} | {wanted} | {met} |")
-    return "\n".join(lines) + "\n"
+        checks.append(f"| {check['what']} | {check['ratio']} | {wanted} | {met} |")
+    lines += _section("The bar", ["ratio", "measured", "wanted", "met"], "lrrl", checks)
+    return "\n".join(lines[:-1]) + "\n"  # no blank line after the last table
+
+
+def _section(
+    title: str, columns: list[str], align: str, rows: list[str], intro: str = ""
+) -> list[str]:
+    """A ``## title`` section: the intro paragraph if any, then a table of ``rows``
+    (already formatted) under ``columns``, aligned by ``align`` (l/r per column)."""
+    separator = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
+    return [
+        f"## {title}",
+        "",
+        *([intro, ""] if intro else []),
+        "| " + " | ".join(columns) + " |",
+        separator,
+        *rows,
+        "",
+    ]
 
 
 def _fmt(value: float | None) -> str:
