@@ -26,7 +26,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .errors import ConfigError, PreforkError
+from .escape import printable
 from .heartbeat import describe_client
+from .paths import Owner, open_for_append
 
 log = logging.getLogger("prefork.worker")
 
@@ -37,11 +40,23 @@ STDERR = "-"
 FinishRequest = Callable[[Any, Any], None]
 
 
-def open_access_log(path: str) -> int:
-    """A descriptor to append to; OSError if the file cannot be opened for writing."""
+def open_access_log(path: str, owner: Owner | None = None) -> int:
+    """A descriptor to append to (never through a symlink; see paths.py); PathError or
+    OSError if it cannot be opened. ``owner``: the master, as root, hands the file to
+    the workers' user, who open it themselves."""
     if path == STDERR:
         return os.dup(sys.stderr.fileno())
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    return open_for_append(path, owner, "access log")
+
+
+def prepare_access_log(path: str, owner: Owner | None = None) -> None:
+    """Create (or check) the access log for the workers, who open it themselves: at
+    start, so a bad path is one line there rather than a failure in every worker, and on
+    USR1, so a rotated file is there, theirs, before they reopen it."""
+    try:
+        os.close(open_access_log(path, owner))
+    except OSError as exc:
+        raise ConfigError(f"cannot open access log {path}: {exc.strerror}") from None
 
 
 class AccessLog:
@@ -103,7 +118,7 @@ class AccessLog:
 
     def _format(self, entry: tuple[float, Any, float, str]) -> str:
         finished, client_address, seconds, outcome = entry
-        client = describe_client(client_address)
+        client = describe_client(client_address)  # the client's to choose: escaped below
         if self._json:
             fields = {
                 "time": finished,
@@ -115,15 +130,15 @@ class AccessLog:
             }
             return json.dumps(fields) + "\n"
         stamp = self._timestamp(finished)
-        return f"{stamp} {client} {self._who} {seconds * 1000:.3f}ms {outcome}\n"
+        return f"{stamp} {printable(client)} {self._who} {seconds * 1000:.3f}ms {outcome}\n"
 
     def reopen(self) -> None:
         """USR1: write what is queued, then reopen at the path (logrotate moved the file)."""
         self.flush()
         try:
             fd = open_access_log(self.path)
-        except OSError as exc:
-            log.warning("cannot reopen the access log %s: %s", self.path, exc.strerror)
+        except (OSError, PreforkError) as exc:
+            log.warning("cannot reopen the access log %s: %s", self.path, exc)
             return
         os.close(self._fd)
         self._fd = fd

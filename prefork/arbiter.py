@@ -20,6 +20,7 @@ import gc
 import logging
 import os
 import random
+import resource
 import selectors
 import signal
 import time
@@ -29,11 +30,13 @@ from typing import Any
 
 from . import listeners, signals
 from . import log as prefork_log
+from .access import prepare_access_log
 from .config import Config
-from .errors import EXIT_BOOT_ERROR, BootError
+from .errors import EXIT_BOOT_ERROR, BootError, PreforkError
+from .escape import printable
 from .heartbeat import READY as PAGE_READY
 from .heartbeat import Heartbeat
-from .identity import Identity
+from .identity import Identity, file_owner
 from .listeners import describe_address
 from .process import describe_exit, get_title, set_title
 from .recycle import Recycler
@@ -52,6 +55,13 @@ SHUTDOWN_CALLED = -1  # queued like a signal by shutdown() from another thread
 QUICK_STOP_GRACE = 1.0  # seconds a quick-stopped worker gets before SIGKILL
 STACK_DUMP_GRACE = 0.5  # seconds between asking a stuck worker for its stack and SIGKILL
 BACKOFF_START, BACKOFF_CAP = 0.1, 10.0  # retry delays of a slot whose worker fails to boot
+# The longest sleep of the loop. Deadlines further away (any finite timeout is allowed)
+# are simply slept towards in steps: select() cannot take a timeout of 30 days.
+MAX_SLEEP = 10.0
+SPAWNS_PER_TURN = 16  # forks between two looks at the signals: TERM is heard during -w 1024
+LOOP_ERROR_PAUSE = 0.1  # after a failed turn of the loop: a persistent failure cannot spin
+UNEXPECTED_LIMIT = 100  # status-pipe messages out of protocol before the worker is killed
+BOOT_ERROR_MAX = 500  # characters of a worker's boot error that reach the log
 
 
 class Arbiter(Reloads):
@@ -144,6 +154,8 @@ class Arbiter(Reloads):
             self.target_workers,
             worker_model(self.servers[0]),
         )
+        self._warn_about_timeouts()
+        self._ensure_descriptors()
         self._hook("on_starting")
         try:
             self._loop()
@@ -165,18 +177,36 @@ class Arbiter(Reloads):
     # -- the loop ---------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            self._dispatch_signals()
-            self.reap_workers()
-            self.kill_stuck_workers()
-            if not self._stopping:
-                self._settle()
-                self.spawn_missing()
-            elif not self.workers:
-                return
-            self._publish_status()
-            self._wait(self._seconds_to_next_deadline())
+            try:
+                if self._turn():
+                    return
+                timeout = self._seconds_to_next_deadline()
+            except Exception:
+                # Unicorn's rule: the supervisor must outlive its own bugs and a bad
+                # moment (EMFILE, ENOMEM, a hook's exception); the next turn retries.
+                log.exception("unexpected error in the master's loop; carrying on")
+                timeout = LOOP_ERROR_PAUSE
+            try:
+                self._wait(timeout)
+            except Exception:
+                log.exception("unexpected error while the master waited; carrying on")
+                time.sleep(LOOP_ERROR_PAUSE)
+
+    def _turn(self) -> bool:
+        """One turn of the loop; True once a stop has finished."""
+        self._dispatch_signals()
+        self.reap_workers()
+        self.kill_stuck_workers()
+        if not self._stopping:
+            self._settle()
+            self.spawn_missing()
+        elif not self.workers:
+            return True
+        self._publish_status()
+        return False
 
     def _wait(self, timeout: float | None) -> None:
+        timeout = MAX_SLEEP if timeout is None else min(timeout, MAX_SLEEP)
         for key, _ in self._selector.select(timeout):
             if key.fd == self._wakeup.read_fd:
                 self._wakeup.drain()
@@ -234,19 +264,38 @@ class Arbiter(Reloads):
 
     # -- workers ----------------------------------------------------------------------------------
     def spawn_missing(self) -> None:
+        """Fork the workers that are missing, at most SPAWNS_PER_TURN per turn (the loop
+        then turns again at once, having looked at the signals)."""
         now = time.monotonic()
         generations = (
             [self.generation] if self.reloading is None else [self.generation, self.reloading]
         )
+        spawned = 0
         for generation in generations:
             busy = {w.nr for w in self._generation_workers(generation)}
             for nr in range(1, self.target_workers + 1):
                 if nr not in busy and self._backoff.get(nr, (0.0, 0.0))[1] <= now:
+                    if spawned == SPAWNS_PER_TURN:
+                        self._wakeup.notify()  # more to do: do not sleep
+                        return
                     self.spawn_worker(nr, generation)
+                    spawned += 1
 
     def spawn_worker(self, nr: int, generation: int) -> WorkerProcess | None:
-        heartbeat = Heartbeat()
-        status_r, status_w = os.pipe()
+        try:
+            heartbeat = Heartbeat()
+        except OSError as exc:  # EMFILE/ENOMEM: try this slot again later, do not die
+            self._back_off(nr, f"cannot make worker {nr}'s status page: {exc.strerror}")
+            return None
+        try:
+            status_r, status_w = os.pipe()
+        except OSError as exc:
+            heartbeat.close()
+            self._back_off(nr, f"cannot make worker {nr}'s status pipe: {exc.strerror}")
+            return None
+        max_requests = self.config.max_requests and self.config.max_requests + random.randint(
+            0, self.config.max_requests_jitter
+        )
         spec = WorkerSpec(
             nr=nr,
             generation=generation,
@@ -256,8 +305,7 @@ class Arbiter(Reloads):
             status_fd=status_w,
             master_fd=self._master_r,
             poll_interval=self._poll_interval,
-            max_requests=self.config.max_requests
-            and self.config.max_requests + random.randint(0, self.config.max_requests_jitter),
+            max_requests=max_requests,
             name=self.name,
             request_timeout=self.config.worker_timeout,
             loader=self.loader,
@@ -291,6 +339,7 @@ class Arbiter(Reloads):
         os.close(status_w)
         heartbeat.identify(pid, nr, generation, self._board)
         worker = WorkerProcess(nr, pid, generation, status_r, heartbeat, time.monotonic())
+        worker.watches_code, worker.max_requests = spec.watch_code, max_requests
         self.workers[pid] = worker
         self._selector.register(status_r, selectors.EVENT_READ, worker)
         log.debug("spawned worker %d (pid %d, generation %d)", nr, pid, generation)
@@ -330,9 +379,17 @@ class Arbiter(Reloads):
             worker.kill_at = now + STACK_DUMP_GRACE
 
     def reopen_logs(self) -> None:
-        """USR1: reopen the log file here and in every worker (after logrotate moved it)."""
+        """USR1: reopen the log file here and in every worker (after logrotate moved it).
+        A rotated access log is created here first, for the workers' user, who then
+        reopen it."""
         if prefork_log.reopen():
             log.info("reopened the log file; asking %d workers to do the same", len(self.workers))
+        if self.config.access_log:
+            owner = file_owner(Identity.resolve(self.config.user, self.config.group))
+            try:
+                prepare_access_log(self.config.access_log, owner)
+            except PreforkError as exc:
+                log.warning("%s; workers keep the access log they have", exc)
         for worker in self.workers.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signal.SIGUSR1)
@@ -410,6 +467,11 @@ class Arbiter(Reloads):
         log.error("%s; retrying in %.1fs", why, delay)
 
     def _read_status(self, worker: WorkerProcess) -> None:
+        """A worker's status pipe, read as untrusted input (the app may be compromised,
+        the master may be root): each message is honoured only where the protocol
+        allows it (READY and a boot error while booting, RELOAD from the worker that
+        watches code under --reload, RETIRE under --max-requests); anything else is
+        ignored with one line, and a worker that keeps it up is killed."""
         try:
             data = os.read(worker.status_fd, 4096)
         except OSError:
@@ -418,29 +480,54 @@ class Arbiter(Reloads):
             with contextlib.suppress(KeyError):
                 self._selector.unregister(worker.status_fd)
             return
-        if data.startswith(BOOT_ERROR):
-            worker.boot_error = data[1:].decode("utf-8", "replace")
+        if not worker.ready and data.startswith(BOOT_ERROR):
+            text = data[1:].decode("utf-8", "replace")[:BOOT_ERROR_MAX]
+            worker.boot_error = printable(" ".join(text.split()))
             return
-        if READY in data and not worker.ready:
+        for message in data:
+            self._on_status_message(worker, bytes((message,)))
+
+    def _on_status_message(self, worker: WorkerProcess, message: bytes) -> None:
+        if message == READY and not worker.ready:
             worker.ready = self._ever_ready = True
             self._backoff.pop(worker.nr, None)
             if worker.heartbeat:
                 worker.heartbeat.beat()
                 worker.heartbeat.set_state(PAGE_READY)
             log.info("worker %d (pid %d) booted", worker.nr, worker.pid)
-        current = worker.generation == self.generation and self.reloading is None
-        if RELOAD in data and current and not self._stopping:
-            log.info("--reload: worker %d saw the code change; reloading", worker.nr)
-            self.reload()
-        if RETIRE in data and not worker.stop_sent:
-            served = worker.heartbeat.requests_served() if worker.heartbeat else 0
-            self._recycler.request(worker, f"served {served} requests")
+        elif message == RELOAD and worker.ready and worker.watches_code and self.config.reload:
+            current = worker.generation == self.generation and self.reloading is None
+            if current and not self._stopping:
+                log.info("--reload: worker %d saw the code change; reloading", worker.nr)
+                self.reload()
+        elif message == RETIRE and worker.ready and worker.max_requests:
+            if not worker.stop_sent:
+                served = worker.heartbeat.requests_served() if worker.heartbeat else 0
+                self._recycler.request(worker, f"served {served} requests")
+        else:
+            worker.unexpected += 1
+            if worker.unexpected == 1:
+                log.warning(
+                    "worker %d (pid %d) wrote %r to its status pipe, which it may not; ignored",
+                    worker.nr,
+                    worker.pid,
+                    message,
+                )
+            elif worker.unexpected == UNEXPECTED_LIMIT and not worker.stop_sent:
+                log.error(
+                    "worker %d (pid %d) keeps writing to its status pipe out of turn; killing it",
+                    worker.nr,
+                    worker.pid,
+                )
+                self._signal(worker, signal.SIGKILL)
 
     def _why_stuck(self, worker: WorkerProcess) -> str:
         """One line naming the slot, the PID and what it was stuck on."""
         who = f"worker {worker.nr} (pid {worker.pid})"
         if not worker.ready or worker.heartbeat is None:
             return f"{who} was {worker.boot_error}"
+        if worker.heartbeat.last() is None:
+            return f"{who} wrote an impossible time into its heartbeat page"
         current = worker.heartbeat.current_request()
         if current is None:
             return f"{who} timed out: its loop has not run for {self.config.worker_timeout:g}s"
@@ -457,8 +544,11 @@ class Arbiter(Reloads):
         if worker.kill_at is not None:
             return worker.kill_at
         if worker.ready:
+            last = worker.heartbeat.last()
+            if last is None:  # a page that is not what workers write: a stuck worker
+                return worker.started
             timeout = self.config.worker_timeout
-            return worker.heartbeat.last() + timeout if timeout else None
+            return last + timeout if timeout else None
         timeout = self.config.boot_timeout
         return worker.started + timeout if timeout else None
 
@@ -505,6 +595,40 @@ class Arbiter(Reloads):
                 "served_by_exited": self._served_by_exited,
             }
         )
+
+    def _warn_about_timeouts(self) -> None:
+        config = self.config
+        sync = worker_model(self.servers[0]) == "sync"
+        if sync and config.worker_timeout and config.client_timeout >= config.worker_timeout:
+            log.warning(
+                "--client-timeout %g is not below --timeout %g: a silent client gets a sync "
+                "worker killed before it is disconnected",
+                config.client_timeout,
+                config.worker_timeout,
+            )
+
+    def _ensure_descriptors(self) -> None:
+        """Raise the soft RLIMIT_NOFILE when the pool needs more descriptors than it
+        allows: each worker costs the master a status pipe and a page (two descriptors
+        before Python 3.13), plus one socket per --reuse-port bind, and a reload needs
+        the double."""
+        per_worker = 3 + len(self.servers)
+        needed = 64 + 2 * self.config.workers * per_worker
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or needed <= soft:
+            return
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        if needed > soft:
+            log.warning(
+                "%d workers need about %d descriptors in the master, and the limit is %d "
+                "(ulimit -n): some workers or a reload may fail to start",
+                self.config.workers,
+                needed,
+                soft,
+            )
 
     def _kill_remaining(self) -> None:
         """Last resort on the way out (an exception in the loop): leave no child behind."""

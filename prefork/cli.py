@@ -7,6 +7,7 @@ over the environment, which wins over the defaults.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -20,7 +21,7 @@ from click.core import ParameterSource
 
 from . import listeners, log
 from . import status as prefork_status
-from .access import open_access_log
+from .access import prepare_access_log
 from .arbiter import Arbiter
 from .config import (
     LIBRARY_SETTINGS,
@@ -32,8 +33,10 @@ from .config import (
     to_toml,
 )
 from .errors import ConfigError, PreforkError
-from .identity import Identity, parse_mode
+from .escape import printable
+from .identity import Identity, file_owner, parse_mode
 from .mixin import PreForkMixIn
+from .paths import writable_by
 from .process import Pidfile
 from .signals import MASTER_SIGNALS, SignalRoute, Wakeup, unblock_all
 from .systemd import take_listen_fds
@@ -41,6 +44,8 @@ from .target import Target, add_cwd_to_path, import_stdlib
 from .upgrade import Upgrader, take_handover
 from .version import __version__
 from .workers import SERVER_MIXINS
+
+logger = logging.getLogger("prefork.cli")
 
 
 class StartupError(click.ClickException):
@@ -132,6 +137,10 @@ def run(ctx: click.Context, /, target: str, print_config: bool, **options: Any) 
             # the standard library it uses, which workers then inherit (target.py).
             import_stdlib(app.check(identity))
         _open_logs(config, identity)
+        found = find_config_file(given.get("config"), started_in)
+        _warn_about_privileges(
+            config, identity, os.path.join(started_in, found[0]) if found else None
+        )
     except PreforkError as exc:
         raise StartupError(str(exc)) from None
     # Handlers go in before any socket is bound: a signal sent the moment the port
@@ -252,22 +261,36 @@ class CliSettings:
 
 def _open_logs(config: Config, identity: Identity | None) -> None:
     """The log file now; the access log once, to fail here rather than in every worker.
-    Both go to the workers' user, who writes to them and reopens them on USR1."""
+    Both go to the workers' user, who writes to them and reopens them on USR1; both are
+    opened and handed over as paths.py does it (never through a symlink)."""
+    owner = file_owner(identity)
     try:
-        log.configure(config.log_level, config.log_file, config.log_format)
+        log.configure(config.log_level, config.log_file, config.log_format, owner)
     except OSError as exc:
         raise ConfigError(f"cannot open log file {config.log_file}: {exc.strerror}") from None
     if config.access_log:
-        try:
-            os.close(open_access_log(config.access_log))
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot open access log {config.access_log}: {exc.strerror}"
-            ) from None
-    if identity is not None:
-        for path in (config.log_file, config.access_log):
-            if path and path != "-":
-                identity.give(path)
+        prepare_access_log(config.access_log, owner)
+
+
+def _warn_about_privileges(
+    config: Config, identity: Identity | None, config_file: str | None
+) -> None:
+    """One line each for settings that leave the workers more power than they look."""
+    if os.geteuid() != 0 or identity is None:
+        return
+    if identity.keeps_root:
+        logger.warning(
+            "--group without --user: workers keep the master's user, root (uid 0), with "
+            "all its privileges; give --user to drop them"
+        )
+        return
+    if config_file and writable_by(config_file, identity.uid, identity.groups):
+        logger.warning(
+            "config file %s can be changed by %s, the workers' user: whoever controls "
+            "the workers could then control this master, which runs as root",
+            config_file,
+            identity,
+        )
 
 
 def open_server(spec: listeners.BindSpec, config: Config) -> Any:
@@ -277,21 +300,16 @@ def open_server(spec: listeners.BindSpec, config: Config) -> Any:
     else:
         base = listeners.base_server_class(spec.family, spec.stream)
         cls = server_class(base, config, spec.family)
-        unix = spec.family == socket.AF_UNIX
-        # The socket file is created with its final mode: no moment with a looser one.
-        mode = parse_mode("socket_mode", config.socket_mode) if config.socket_mode else None
-        umask = os.umask(0o777 & ~mode) if unix and mode is not None else None
+        abstract = isinstance(spec.address, str) and spec.address.startswith("\0")
+        if abstract and config.socket_mode:
+            raise ConfigError(
+                f"--socket-mode does not apply to {spec.text}: an abstract socket has no "
+                "file to give a mode (leave it out, or bind a path)"
+            )
         try:
             server = cls(spec.address, None, **_library_settings(config))
         except OSError as exc:
             raise listeners.bind_error(spec.text, exc) from None
-        finally:
-            if umask is not None:
-                os.umask(umask)
-        identity = Identity.resolve(config.user, config.group)
-        path = getattr(server, "server_address", None) if unix else None
-        if identity is not None and isinstance(path, str) and os.path.exists(path):
-            identity.give(path)
     server.prefork_bind = spec.text  # how HUP tells which configured bind it serves
     return server
 
@@ -307,8 +325,14 @@ def adopt_socket(fd: int, text: str, config: Config, unlink: str = "") -> Any:
     except OSError as exc:
         sock.close()
         raise listeners.bind_error(text, exc) from None
-    if unlink:
-        server._prefork_unlink = (os.getpid(), unlink)
+    if unlink:  # ours, bound by the image before a USR2 (getsockname names its private dir)
+        server.server_address = unlink
+        try:
+            info = os.stat(unlink, follow_symlinks=False)
+            identity: tuple[int, int] | None = (info.st_dev, info.st_ino)
+        except OSError:
+            identity = None
+        server._prefork_unlink = (os.getpid(), unlink, identity)
     return server
 
 
@@ -328,8 +352,14 @@ def server_class(base: type, config: Config, family: int) -> type[PreForkMixIn]:
             raise ConfigError(f"--server-class {config.server_class} is not a class")
         bases = (user, *bases[issubclass(user, PreForkMixIn) :])
     name = f"PreFork{config.worker_class.title()}{base.__name__}"
+    namespace: dict[str, Any] = {"address_family": family}
+    if family == socket.AF_UNIX:  # how paths.bind_unix makes the socket file
+        identity = Identity.resolve(config.user, config.group)
+        namespace["_prefork_unix_owner"] = file_owner(identity)
+        if config.socket_mode:
+            namespace["_prefork_unix_mode"] = parse_mode("socket_mode", config.socket_mode)
     try:
-        return type(name, bases, {"address_family": family})
+        return type(name, bases, namespace)
     except TypeError as exc:  # e.g. a UDPServer subclass on a TCP bind
         raise ConfigError(
             f"--server-class {config.server_class} cannot serve a {base.__name__}: {exc}"
@@ -354,6 +384,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(f"Error: {_one_line(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
+    except UnicodeError as exc:  # click itself decoding an argument it cannot
+        click.echo(f"Error: an argument is not valid UTF-8 ({exc})", err=True)
+        sys.exit(2)
     except (click.Abort, KeyboardInterrupt):
         click.echo("Aborted.", err=True)
         sys.exit(130)
@@ -361,4 +394,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    """One line, printable: error text may carry a worker's words or a client's."""
+    return printable(" ".join(text.split()))

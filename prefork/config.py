@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import typing
@@ -19,6 +20,7 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 from .identity import parse_mode
+from .paths import read_small_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,6 +30,15 @@ else:  # pragma: no cover - exercised on Python 3.10
 WorkerClass = Literal["sync", "thread", "fork"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["text", "json"]
+
+# Upper bounds, documented in the settings table. Any finite time below MAX_SECONDS
+# works: the loops never sleep longer than a few seconds at a time whatever the
+# deadline, so a timeout means "effectively never" long before it could overflow.
+MAX_SECONDS = 1e9  # about 31 years
+MAX_COUNT = 10**12
+MAX_WORKERS = 1024
+MAX_THREADS = 10_000
+MAX_BACKLOG = 2**31 - 1  # listen()'s int; the kernel then caps it at net.core.somaxconn
 
 
 def setting(
@@ -39,14 +50,19 @@ def setting(
     library: bool = True,
     default_text: str | None = None,
     default_factory: Any = MISSING,
+    minimum: float | None = None,
+    maximum: float | None = None,
 ) -> Any:
-    """Declare one setting. ``flag`` defaults to the field name with dashes."""
+    """Declare one setting. ``flag`` defaults to the field name with dashes; numbers
+    have a ``minimum`` and a ``maximum``, checked in every way the setting can be given."""
     metadata = {
         "help": help,
         "flag": flag,
         "short": short,
         "library": library,
         "default_text": default_text,
+        "minimum": minimum,
+        "maximum": maximum,
     }
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)
@@ -73,6 +89,8 @@ class Config:
         default_factory=cpu_count,
         short="-w",
         default_text="CPU count",
+        minimum=1,
+        maximum=MAX_WORKERS,
         help="Number of worker processes.",
     )
     worker_class: WorkerClass = setting(
@@ -85,10 +103,18 @@ class Config:
     )
     threads: int = setting(
         16,
+        minimum=1,
+        maximum=MAX_THREADS,
         help="Most connections a thread worker serves at once; at that many it stops "
         "accepting so idle workers take new connections.",
     )
-    backlog: int = setting(2048, help="Listen queue length of each stream socket.")
+    backlog: int = setting(
+        2048,
+        minimum=1,
+        maximum=MAX_BACKLOG,
+        help="Listen queue length of each stream socket (the kernel caps it at "
+        "net.core.somaxconn; a larger value is lowered to it, with a log line).",
+    )
     reuse_port: bool = setting(
         False,
         help="Give each worker its own SO_REUSEPORT socket so the kernel spreads "
@@ -99,32 +125,62 @@ class Config:
     )
     graceful_timeout: float = setting(
         30.0,
+        minimum=0,
+        maximum=MAX_SECONDS,
         help="Seconds a stopping worker may spend finishing its requests before it is killed.",
     )
     worker_timeout: float = setting(
         30.0,
         flag="timeout",
+        minimum=0,
+        maximum=MAX_SECONDS,
         help="Seconds a worker may go without a heartbeat (a stuck loop, or a sync worker "
         "stuck in one request) before its stack is logged and it is killed and replaced; a "
         "fork worker's connection child running longer is killed alone. 0 turns it off.",
     )
     boot_timeout: float = setting(
         30.0,
+        minimum=0,
+        maximum=MAX_SECONDS,
         help="Seconds a new worker may take to import the app and report ready before it "
         "is killed (and a reload using it abandoned); 0 turns it off.",
     )
+    client_timeout: float = setting(
+        10.0,
+        minimum=0,
+        maximum=MAX_SECONDS,
+        help="Seconds a read or write on an accepted stream connection may wait for the "
+        "client (a socket timeout, set unless the handler class sets its own timeout); a "
+        "client silent that long is disconnected, logged at debug level only. 0 turns it "
+        "off. Keep it below --timeout with sync workers.",
+    )
+    defer_accept: int = setting(
+        30,
+        minimum=0,
+        maximum=3600,
+        help="TCP: the kernel hands a new connection to a worker only once the client has "
+        "sent data, or after about this many seconds (TCP_DEFER_ACCEPT), so connections "
+        "that send nothing hold no worker. 0 turns it off: do that for protocols where "
+        "the server speaks first.",
+    )
     max_requests: int = setting(
         0,
+        minimum=0,
+        maximum=MAX_COUNT,
         help="Requests a worker serves before it is replaced (its successor starts first, "
         "one slot at a time); 0 means never.",
     )
     max_requests_jitter: int = setting(
         0,
+        minimum=0,
+        maximum=MAX_COUNT,
         help="Add a random 0..N to --max-requests for each worker, so that workers "
         "started together do not all retire together.",
     )
     max_rss: int = setting(
         0,
+        minimum=0,
+        maximum=MAX_COUNT,
         help="Recycle a worker whose resident memory exceeds this many MB (checked every "
         "second); 0 means never.",
     )
@@ -214,16 +270,10 @@ class Config:
     def __post_init__(self) -> None:
         hints = _type_hints()
         for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), hints[f.name])
-        _check_at_least("workers", self.workers, 1)
-        _check_at_least("threads", self.threads, 1)
-        _check_at_least("backlog", self.backlog, 1)
-        _check_at_least("max_requests", self.max_requests, 0)
-        _check_at_least("max_requests_jitter", self.max_requests_jitter, 0)
-        _check_at_least("max_rss", self.max_rss, 0)
-        _check_at_least("graceful_timeout", self.graceful_timeout, 0)
-        _check_at_least("worker_timeout", self.worker_timeout, 0)
-        _check_at_least("boot_timeout", self.boot_timeout, 0)
+            value = getattr(self, f.name)
+            _check_type(f.name, value, hints[f.name])
+            _check_text(f.name, value)
+            _check_range(f.name, value, f.metadata["minimum"], f.metadata["maximum"])
         if not self.binds:
             raise ConfigError("binds must name at least one address")
         for name in ("umask", "socket_mode"):
@@ -238,9 +288,34 @@ def _type_hints() -> dict[str, Any]:
     return typing.get_type_hints(Config)
 
 
-def _check_at_least(name: str, value: float, least: float) -> None:
-    if value < least:
-        raise ConfigError(f"{name} must be at least {least}, got {value!r}")
+def _check_range(name: str, value: Any, least: float | None, most: float | None) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if least is not None and value < least:
+        raise ConfigError(f"{name} must be at least {_number(least)}, got {value!r}")
+    if most is not None and value > most:
+        raise ConfigError(f"{name} must be at most {_number(most)}, got {value!r}")
+
+
+def _number(value: float) -> str:
+    """1e9 -> '1,000,000,000': bounds read as the numbers they are."""
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:,}"
+
+
+def _check_text(name: str, value: Any) -> None:
+    """Text settings must be text: a byte that is not UTF-8 (Python hands it over as a
+    lone surrogate) or a NUL would fail far from here, in a system call or a log line."""
+    for text in value if isinstance(value, tuple) else (value,):
+        if isinstance(text, str) and not _is_clean_text(text):
+            raise ConfigError(f"{name}: {ascii(text)} is not valid UTF-8 text")
+
+
+def _is_clean_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\0" not in text
 
 
 def _check_type(name: str, value: Any, hint: Any) -> None:
@@ -305,9 +380,16 @@ def settings_table() -> str:
         key = "—" if f.name in _NOT_IN_FILE else f"`{file_key(f)}`"
         rows.append(
             f"| {short}`--{flag_name(f)}` | `{env_var(f)}` | {key} | {default} | {library} | "
-            f"{f.metadata['help']} |"
+            f"{f.metadata['help']}{_describe_range(f)} |"
         )
     return "\n".join(rows) + "\n"
+
+
+def _describe_range(f: Any) -> str:
+    least, most = f.metadata["minimum"], f.metadata["maximum"]
+    if least is None and most is None:
+        return ""
+    return f" Range: {_number(least)} to {_number(most)}."
 
 
 def _describe_default(default: Any) -> str:
@@ -332,15 +414,11 @@ def read_config_file(path: str, table: tuple[str, ...] = ()) -> dict[str, Any]:
 
     Every problem is one ConfigError line naming the file, the key and what was expected.
     """
-    try:
-        with open(path, "rb") as stream:
-            data: Any = tomllib.load(stream)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    data: Any = _parse_toml(path)
     for name in table:
         data = data.get(name, {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: {'.'.join(table)} is not a table")
     by_key = {file_key(f): f for f in fields(Config) if f.name not in _NOT_IN_FILE}
     hints = typing.get_type_hints(Config)
     settings: dict[str, Any] = {}
@@ -372,11 +450,40 @@ def find_config_file(given: str | None, cwd: str = ".") -> tuple[str, tuple[str,
     if not os.path.exists(pyproject):
         return None
     try:
-        with open(pyproject, "rb") as f:
-            has_table = "prefork" in tomllib.load(f).get("tool", {})
-    except (OSError, tomllib.TOMLDecodeError):
-        return None  # not ours to complain about unless it has our table
+        tool = _parse_toml(pyproject).get("tool", {})
+    except ConfigError:
+        # Not ours to complain about, unless it names our table: then its settings were
+        # meant for us, and starting without them would be wrong.
+        if _mentions_prefork(pyproject):
+            raise
+        return None
+    has_table = isinstance(tool, dict) and "prefork" in tool
     return (pyproject, ("tool", "prefork")) if has_table else None
+
+
+def _mentions_prefork(path: str) -> bool:
+    try:
+        return b"prefork" in read_small_file(path)
+    except ConfigError:
+        return False
+
+
+def _parse_toml(path: str) -> dict[str, Any]:
+    """A TOML file's content; every way it can be unreadable is one ConfigError line.
+
+    Read with paths.read_small_file: the master may be root and the file in a directory
+    others can write to, so a FIFO or a huge file planted there is refused, not read.
+    """
+    try:
+        text = read_small_file(path, "config file").decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML (nested too deeply)") from None
 
 
 def to_toml(config: Config) -> str:

@@ -6,6 +6,12 @@ loop turn, and at each request its start time and client, then its end. The mast
 reads it to find stuck workers and to say what they were stuck on, and writes who the
 worker is (pid, slot, generation) and where it stands (booting, ready, stopping).
 
+The page is writable by the worker, whose app may be compromised, and the master may be
+root: every value the master or ``prefork status`` reads back is checked where it is
+read (a time must be finite and between the page's creation and now, a length at most
+CLIENT_MAX, a count at most MAX_COUNT) and text is escaped. A page that fails the
+checks makes its worker count as stuck; it never raises in the master.
+
 Being a memfd rather than an anonymous mapping is what lets other processes in:
 ``prefork status`` opens the master's descriptor through /proc/PID/fd (the kernel
 allows that to the same user and to root only), and USR2 hands the pages of the
@@ -15,12 +21,15 @@ SIGKILL, and no slow disk can fake a timeout.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
 import sys
 import time
 from dataclasses import dataclass
+
+from .escape import printable
 
 MEMFD_NAME = "prefork-worker"
 PAGE_SIZE = mmap.PAGESIZE
@@ -43,6 +52,9 @@ _IDENTITY_OFFSET = 248
 # page twice among the master's descriptors (it keeps one per pid).
 _UNTRACKED: dict[str, bool] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
+MAX_COUNT = 2**53  # requests: more than any worker serves; JSON-exact
+CLOCK_SLACK = 1.0  # seconds a time read back may lie after "now" (another CPU's clock read)
+
 BOOTING, READY, STOPPING = 0, 1, 2
 STATE_NAMES = {BOOTING: "booting", READY: "ready", STOPPING: "stopping"}
 
@@ -64,9 +76,15 @@ class Heartbeat:
         created = fd is None
         if fd is None:
             fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
-            os.ftruncate(fd, PAGE_SIZE)
+            try:
+                os.ftruncate(fd, PAGE_SIZE)
+            except BaseException:
+                os.close(fd)
+                raise
         self._fd = fd
         self._map = mmap.mmap(fd, PAGE_SIZE, **_UNTRACKED)
+        # No time the worker writes can be older than the page (0: adopted, age unknown).
+        self._born = time.monotonic() if created else 0.0
         if created:
             self.beat()
 
@@ -102,16 +120,27 @@ class Heartbeat:
     def set_state(self, state: int) -> None:
         self._map[_STATE_OFFSET] = state
 
-    def last(self) -> float:
-        return float(_BEAT.unpack_from(self._map, 0)[0])
+    def last(self) -> float | None:
+        """When the worker's loop last ran; None if the page holds no believable time."""
+        return self._time(_BEAT.unpack_from(self._map, 0)[0])
 
     def current_request(self) -> tuple[float, str] | None:
-        """(seconds it has run, client) of the request in progress, or None when idle."""
+        """(seconds it has run, client, escaped) of the request in progress; None when
+        idle or when the start time is not believable (``last`` tells the two apart)."""
         started, _, length = _REQUEST.unpack_from(self._map, _REQUEST_OFFSET)
-        if not started:
+        if not started or self._time(started) is None:
             return None
+        length = min(length, CLIENT_MAX)
         client = self._map[_CLIENT_OFFSET : _CLIENT_OFFSET + length].decode("utf-8", "replace")
-        return time.monotonic() - started, client
+        return max(0.0, time.monotonic() - started), printable(client)
+
+    def _time(self, value: float) -> float | None:
+        if (
+            math.isfinite(value)
+            and self._born - CLOCK_SLACK <= value <= time.monotonic() + CLOCK_SLACK
+        ):
+            return value
+        return None
 
     def request_drain(self) -> None:
         """Master: the next TERM is the final stop, so serve what is queued first."""
@@ -121,7 +150,7 @@ class Heartbeat:
         return self._map[_DRAIN_OFFSET] == 1
 
     def requests_served(self) -> int:
-        return int(_REQUEST.unpack_from(self._map, _REQUEST_OFFSET)[1])
+        return min(int(_REQUEST.unpack_from(self._map, _REQUEST_OFFSET)[1]), MAX_COUNT)
 
     def close(self) -> None:
         self._map.close()
@@ -142,20 +171,29 @@ class WorkerPage:
     active: int  # requests in progress (a sync worker: 0 or 1)
     client: str | None  # the current request's, where the worker records one
     request_age: float | None
-    heartbeat_age: float
+    heartbeat_age: float | None  # None: the page holds no believable time
 
     @classmethod
     def parse(cls, page: bytes, now: float | None = None) -> WorkerPage:
         """``now``: time.monotonic() of the reader (the clock is the same for every process)."""
         now = time.monotonic() if now is None else now
+        if len(page) < PAGE_SIZE:
+            page = page.ljust(PAGE_SIZE, b"\0")
         (beat,) = _BEAT.unpack_from(page, 0)
         started, served, length = _REQUEST.unpack_from(page, _REQUEST_OFFSET)
         (active,) = _ACTIVE.unpack_from(page, _ACTIVE_OFFSET)
         pid, slot, generation, board, spawned = _IDENTITY.unpack_from(page, _IDENTITY_OFFSET)
+        # The worker may have written anything: keep what is believable, drop the rest.
+        beat_age = now - beat if math.isfinite(beat) and beat <= now + CLOCK_SLACK else None
+        request_age = now - started if math.isfinite(started) and started > 0 else None
+        if request_age is not None and request_age < -CLOCK_SLACK:
+            request_age = None
         client = None
         if started:
             length = min(length, CLIENT_MAX)
-            client = page[_CLIENT_OFFSET : _CLIENT_OFFSET + length].decode("utf-8", "replace")
+            client = printable(
+                page[_CLIENT_OFFSET : _CLIENT_OFFSET + length].decode("utf-8", "replace")
+            )
             active = max(active, 1)
         master_state = page[_STATE_OFFSET]
         if master_state == READY:
@@ -167,11 +205,11 @@ class WorkerPage:
             slot=slot,
             generation=generation,
             board=board,
-            spawned=spawned,
+            spawned=spawned if math.isfinite(spawned) else 0.0,
             state=state,
-            requests=served,
+            requests=min(served, MAX_COUNT),
             active=active,
             client=client,
-            request_age=max(0.0, now - started) if started else None,
-            heartbeat_age=max(0.0, now - beat),
+            request_age=None if request_age is None else max(0.0, request_age),
+            heartbeat_age=None if beat_age is None else max(0.0, beat_age),
         )

@@ -16,6 +16,7 @@ import pwd
 from dataclasses import dataclass
 
 from .errors import ConfigError, PreforkError
+from .paths import Owner
 
 
 class IdentityError(PreforkError):
@@ -69,15 +70,24 @@ class Identity:
         if self.uid != 0 and 0 in (os.getuid(), os.geteuid()):
             raise IdentityError(f"still root after switching to {self}; refusing to serve")
 
-    def give(self, path: str) -> None:
-        """Hand a file prefork created (a Unix socket, a log) to the workers' user."""
-        try:
-            os.chown(path, self.uid, self.gid)
-        except OSError as exc:
-            raise ConfigError(f"cannot give {path} to {self}: {exc.strerror}") from None
+    @property
+    def owner(self) -> Owner:
+        """Who the files prefork hands to the workers belong to (see paths.py for how)."""
+        return Owner(self.uid, self.gid)
+
+    @property
+    def keeps_root(self) -> bool:
+        """--group without --user under a root master: the workers stay uid 0."""
+        return self.uid == 0
 
     def __str__(self) -> str:
         return f"user {self.user} (uid {self.uid}, gid {self.gid})"
+
+
+def file_owner(identity: Identity | None) -> Owner | None:
+    """Whom the files prefork makes for the workers go to: only a root master can give
+    files away, and only with --user or --group set."""
+    return identity.owner if identity is not None and os.geteuid() == 0 else None
 
 
 def _user_entry(user: str) -> pwd.struct_passwd | None:

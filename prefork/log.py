@@ -3,6 +3,13 @@
 Every line names its process: ``master`` or ``worker N``, and the PID. USR1 reopens the
 log file in the master and in every worker (for logrotate: move the file, send USR1).
 The library never configures logging; it only logs to ``prefork.*`` loggers.
+
+Lines may carry text from clients (a Unix peer's path) or from workers (a boot error),
+so the text format escapes whatever is not printable (``escape.printable``): a line
+stays one line and cannot drive the terminal that shows it. JSON does the same by its
+own escapes. The log file is opened through ``paths.open_for_append``: never through a
+symlink, and given to the workers' user through the descriptor, at start and at every
+reopen.
 """
 
 from __future__ import annotations
@@ -10,8 +17,13 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import sys
 from typing import IO, Any
+
+from .errors import PreforkError
+from .escape import printable, printable_lines
+from .paths import Owner, open_for_append
 
 TEXT_FORMAT = "%(asctime)s [%(process)d] [%(slot)s] [%(levelname)s] %(message)s"
 _LOGGER = "prefork"
@@ -27,6 +39,20 @@ class _Slot(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.slot = self.slot
         return True
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, with the message and any traceback made printable."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802
+        return printable_lines(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802
+        return printable_lines(super().formatStack(stack_info))
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,18 +72,60 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class LogFile(logging.StreamHandler):  # type: ignore[type-arg]
+    """Appends to a file opened safely (see the module docstring); ``reopen`` closes it,
+    and the next line opens the path again. Should that fail (a symlink planted there
+    after rotation, a vanished directory), one line says so on stderr and the lines go
+    to stderr until the next reopen."""
+
+    def __init__(self, path: str, owner: Owner | None = None) -> None:
+        self.path, self.owner = os.path.abspath(path), owner
+        super().__init__(self._open())
+        self._on_stderr = False
+
+    def _open(self) -> IO[str]:
+        owner = self.owner if os.geteuid() == 0 else None  # a worker reopens as itself
+        fd = open_for_append(self.path, owner, "log file")
+        return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+
+    def ensure_open(self) -> IO[str]:
+        if self.stream is None:
+            try:
+                self.stream = self._open()
+            except (OSError, PreforkError) as exc:
+                print(f"prefork: {exc}; logging to stderr", file=sys.stderr, flush=True)
+                self.stream, self._on_stderr = sys.stderr, True
+        return self.stream  # type: ignore[no-any-return]
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.ensure_open()
+        super().emit(record)
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            if self.stream is not None and not self._on_stderr:
+                self.stream.close()
+            self.stream, self._on_stderr = None, False
+        finally:
+            self.release()
+
+    def close(self) -> None:
+        self.reopen()
+        super().close()
+
+
 _slot = _Slot()
 
 
-def configure(level: str, path: str | None = None, fmt: str = "text") -> None:
-    """Send the prefork loggers to ``path`` (appending) or stderr, in ``fmt``."""
-    handler: logging.Handler
-    if path:
-        handler = logging.FileHandler(path, mode="a", encoding="utf-8")
-    else:
-        handler = logging.StreamHandler(sys.stderr)
+def configure(
+    level: str, path: str | None = None, fmt: str = "text", owner: Owner | None = None
+) -> None:
+    """Send the prefork loggers to ``path`` (appending) or stderr, in ``fmt``. ``owner``:
+    the workers' user, who must be able to reopen the file (PathError if refused)."""
+    handler: logging.Handler = LogFile(path, owner) if path else logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT, "%Y-%m-%d %H:%M:%S")
+        JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT, "%Y-%m-%d %H:%M:%S")
     )
     handler.addFilter(_slot)
     logger = logging.getLogger(_LOGGER)
@@ -76,8 +144,8 @@ def reopen() -> bool:
     to reopen. The file opens again at its path on the next line written."""
     reopened = False
     for handler in logging.getLogger(_LOGGER).handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.close()
+        if isinstance(handler, LogFile):
+            handler.reopen()
             reopened = True
     return reopened
 
@@ -85,8 +153,6 @@ def reopen() -> bool:
 def stack_stream() -> IO[str]:
     """Where a worker's stack dump goes: the log file if there is one, else stderr."""
     for handler in logging.getLogger(_LOGGER).handlers:
-        if isinstance(handler, logging.FileHandler):
-            if handler.stream is None:  # closed by reopen(): open it at its path again
-                handler.stream = handler._open()
-            return handler.stream
+        if isinstance(handler, LogFile):
+            return handler.ensure_open()
     return sys.stderr

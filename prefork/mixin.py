@@ -18,18 +18,24 @@ the other bases say.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import socket
+import sys
 import threading
+import traceback
 from typing import Any
 
-from . import listeners
+from . import listeners, paths
 from .arbiter import Arbiter
 from .config import LIBRARY_SETTINGS, Config
+from .escape import printable, printable_lines
+from .heartbeat import describe_client
 from .worker_process import WorkerInfo
 
 __all__ = ["PreForkMixIn"]
+
+log = logging.getLogger("prefork.worker")
 
 
 class PreForkMixIn:
@@ -41,12 +47,15 @@ class PreForkMixIn:
     ``worker_timeout`` (30 s; 0 = off), ``boot_timeout`` (30 s), ``max_requests`` (0 =
     never), ``max_requests_jitter`` (0), ``max_rss`` (MB; 0 = never), ``name`` (None:
     the handler's ``module:qualname``), ``access_log`` (None = off; a path, or "-" for
-    stderr). They are read when the server is constructed.
+    stderr), ``client_timeout`` (10 s; 0 = off), ``defer_accept`` (30 s; 0 = off). They
+    are read when the server is constructed.
 
     May be overridden, as in socketserver, and run in each worker: ``verify_request``,
     ``process_request``, ``finish_request``, ``handle_error``, ``shutdown_request``,
     ``service_actions``, ``handle_timeout``. ``server_bind`` and ``server_activate`` run
-    once, in the master, before the fork.
+    once, in the master, before the fork. ``handle_error`` prints what socketserver's
+    prints, with the client's text escaped, and says nothing of a client that went
+    silent for longer than ``client_timeout`` (it is logged at debug level).
 
     Hooks, which may be overridden (see each one for its process and moment):
     ``on_starting``, ``when_ready``, ``pre_fork``, ``post_fork``, ``worker_exit``,
@@ -70,14 +79,16 @@ class PreForkMixIn:
             )
         vars(self).update(settings)
         self.prefork_config = Config(**{name: getattr(self, name) for name in LIBRARY_SETTINGS})
-        self.request_queue_size = self.prefork_config.backlog
+        self.request_queue_size = listeners.listen_backlog(self.prefork_config.backlog)
         self._prefork_lock = threading.Lock()
         self._prefork_arbiter: Arbiter | None = None
         self._prefork_shutdown_requested = False
         self._prefork_stopped = threading.Event()
         self._prefork_stopped.set()
         self._prefork_reuse_port = False
-        self._prefork_unlink: tuple[int, str] | None = None  # (pid that bound, path)
+        # A Unix socket file we made: (pid that bound it, path, (st_dev, st_ino)).
+        self._prefork_unlink: tuple[int, str, tuple[int, int] | None] | None = None
+        self._prefork_client_timeout: float | None = None  # set in workers that apply it
         super().__init__(server_address, RequestHandlerClass, bind_and_activate)  # type: ignore[call-arg]
 
     @classmethod
@@ -105,19 +116,30 @@ class PreForkMixIn:
         return server
 
     # -- binding, in the master ------------------------------------------------------------
+    # Who Unix socket files belong to and their mode; ``prefork run`` sets them from
+    # --user/--group and --socket-mode (None: the master's user, and the umask).
+    _prefork_unix_owner: paths.Owner | None = None
+    _prefork_unix_mode: int | None = None
+
     def server_bind(self) -> None:
+        """Bind, in the master. A Unix socket file is made by ``paths.bind_unix``: with its
+        owner and mode from the start and never through a symlink (the master may be
+        root in a directory the workers' user can write to); stale files are replaced,
+        live ones refused. Other sockets bind as socketserver binds them."""
         sock: socket.socket = self.socket  # type: ignore[attr-defined]
         address: Any = self.server_address  # type: ignore[attr-defined]
-        if sock.family == socket.AF_UNIX and isinstance(address, str):
-            listeners.remove_stale_unix_socket(address, sock.type)
-        elif sock.type == socket.SOCK_STREAM:  # restart without waiting out TIME_WAIT
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if sock.family == socket.AF_UNIX and isinstance(address, str) and address[:1] != "\0":
+            identity = paths.bind_unix(
+                sock, address, self._prefork_unix_owner, self._prefork_unix_mode
+            )
+            self._prefork_unlink = (os.getpid(), address, identity)
+            return  # server_address stays the path; getsockname() names the private dir
+        if sock.type == socket.SOCK_STREAM and sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # no TIME_WAIT wait
         if self.prefork_config.reuse_port and listeners.reuse_port_supported(sock):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             self._prefork_reuse_port = True
         super().server_bind()  # type: ignore[misc]
-        if sock.family == socket.AF_UNIX and isinstance(address, str) and address[:1] != "\0":
-            self._prefork_unlink = (os.getpid(), address)
 
     def server_activate(self) -> None:
         super().server_activate()  # type: ignore[misc]
@@ -130,6 +152,10 @@ class PreForkMixIn:
             # Accepted sockets inherit TCP_NODELAY on Linux: no per-connection syscall.
             nodelay = int(self.prefork_config.tcp_nodelay)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, nodelay)
+            listeners.set_defer_accept(sock, self.prefork_config.defer_accept)
+            # Inherited by accepted connections, as TCP_NODELAY is (Unix ones get it in
+            # the worker, as they are accepted: the kernel does not copy it for them).
+            listeners.set_client_timeout(sock, self.prefork_config.client_timeout)
 
     # -- the master's life ------------------------------------------------------------------
     def serve_forever(self, poll_interval: float = 0.5) -> None:
@@ -169,9 +195,33 @@ class PreForkMixIn:
     def server_close(self) -> None:
         super().server_close()  # type: ignore[misc]
         if self._prefork_unlink and self._prefork_unlink[0] == os.getpid():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._prefork_unlink[1])
+            _, path, identity = self._prefork_unlink
+            paths.unlink_if(path, identity)  # only if it is still our socket's file
             self._prefork_unlink = None
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver's report (on stderr), with the client's text escaped; a client
+        that timed out under ``client_timeout`` is only logged at debug level."""
+        exc = sys.exc_info()[1]
+        client = printable(describe_client(client_address))
+        # A read or write that outwaited SO_RCVTIMEO/SO_SNDTIMEO fails with EAGAIN on
+        # the (blocking) connection; a socket-level timeout would raise TimeoutError.
+        timed_out = isinstance(exc, (TimeoutError, BlockingIOError))
+        if timed_out and self._prefork_client_timeout:
+            log.debug(
+                "%s was silent for %gs (--client-timeout); closed",
+                client,
+                self._prefork_client_timeout,
+            )
+            return
+        print("-" * 40, file=sys.stderr)
+        print(
+            "Exception occurred during processing of request from",
+            printable(str(client_address)),
+            file=sys.stderr,
+        )
+        print(printable_lines(traceback.format_exc().rstrip("\n")), file=sys.stderr)
+        print("-" * 40, file=sys.stderr)
 
     # -- hooks: may be overridden; the defaults do nothing ----------------------------------
     def on_starting(self) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 
 import psutil
 import setproctitle
 
 from .errors import EXIT_BOOT_ERROR, EXIT_IMPORT_ERROR, ConfigError
+from .paths import read_small_file, replace_file, unlink_if
 from .signals import signal_name
 
 
@@ -30,11 +29,16 @@ def describe_exit(code: int) -> str:
 
 
 class Pidfile:
-    """The master's PID in a file, written atomically and removed on exit."""
+    """The master's PID in a file, written atomically and removed on exit.
+
+    Through paths.py, as the master may be root and the directory writable by others: a
+    symlink at the path is replaced, never written through; a FIFO there is not read; the
+    file is removed only while it still holds our PID.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
-        self._written = False
+        self._written = 0  # the PID we wrote
 
     def check(self, pid: int) -> None:
         """Refuse if the file names another live prefork master (a stale one is fine)."""
@@ -48,30 +52,18 @@ class Pidfile:
     def write(self, pid: int) -> None:
         """Write ``pid`` atomically, after checking no other master owns the file."""
         self.check(pid)
-        directory = os.path.dirname(self.path)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".prefork-pid-", dir=directory)
+            # readers never see half a file
+            replace_file(self.path, f"{pid}\n".encode(), what="pid file")
         except OSError as exc:
             raise ConfigError(f"cannot write pid file {self.path}: {exc.strerror}") from None
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{pid}\n")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.path)  # readers never see a half-written file
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        self._written = True
+        self._written = pid
 
     def read(self) -> int:
         """The PID in the file; ConfigError (one line) when there is none."""
-        try:
-            with open(self.path) as f:
-                text = f.read().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read pid file {self.path}: {exc.strerror}") from None
-        if not text.isdigit():
+        data = read_small_file(self.path, "pid file", follow=False)
+        text = data.decode("ascii", "replace").strip()
+        if not (text.isascii() and text.isdigit() and len(text) < 20):
             raise ConfigError(f"pid file {self.path} does not hold a PID")
         return int(text)
 
@@ -87,6 +79,5 @@ class Pidfile:
 
     def remove(self) -> None:
         if self._written:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            self._written = False
+            unlink_if(self.path, content=f"{self._written}\n".encode())
+            self._written = 0

@@ -20,11 +20,13 @@ import time
 from dataclasses import fields, replace
 from typing import Any, Protocol
 
+from .access import prepare_access_log
 from .config import Config
 from .errors import PreforkError
 from .heartbeat import STOPPING, Heartbeat
-from .identity import Identity
+from .identity import Identity, file_owner
 from .listeners import SlotSockets, describe_address
+from .paths import open_for_append
 from .systemd import Notifier
 from .upgrade import AdoptedWorker, Handover, Upgrader
 from .worker_process import WorkerProcess
@@ -41,6 +43,8 @@ FIXED_UNTIL_RESTART = (
     "reuse_port",
     "backlog",
     "tcp_nodelay",
+    "defer_accept",
+    "client_timeout",
     "config",
     "umask",
 )
@@ -123,7 +127,7 @@ class Reloads:
         if self._stopping or self.reloading is not None:
             log.warning("a reload or stop is already under way; USR2 ignored")
             return
-        problem = self._upgrader.check(self._app_dir)
+        problem = self._check_settings() or self._upgrader.check(self._app_dir)
         if problem:
             log.error(
                 "upgrade abandoned, still serving generation %d: %s", self.generation, problem
@@ -160,6 +164,22 @@ class Reloads:
         except OSError as exc:
             log.error("upgrade abandoned, cannot re-execute: %s", exc)
             self.notify.ready(f"serving with {self.target_workers} workers (upgrade failed)")
+
+    def _check_settings(self) -> str | None:
+        """What the new image would reject in the settings (config file, --user...), so
+        that a typo refuses the upgrade here instead of ending the re-executed master."""
+        if self._settings is None:
+            return None
+        try:
+            new = self._settings.read()
+            owner = file_owner(Identity.resolve(new.user, new.group))
+            if new.log_file:  # opened as the new image will open it (paths.py)
+                os.close(open_for_append(new.log_file, owner, "log file"))
+            if new.access_log:
+                prepare_access_log(new.access_log, owner)
+        except (PreforkError, OSError) as exc:
+            return str(exc)
+        return None
 
     def _reconfigure(self, settings: Reconfigurer) -> None:
         """Apply re-read settings for the coming generation; open binds that were added.

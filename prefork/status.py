@@ -15,6 +15,7 @@ from typing import Any
 
 import psutil
 
+from .escape import printable
 from .heartbeat import WorkerPage
 from .statuspage import Board, StatusError, read_boards
 
@@ -135,13 +136,18 @@ _COLUMNS = (
 
 
 def render(status: dict[str, Any]) -> str:
+    """The table. Every text comes from the status pages, which whoever runs that process
+    can write: it is escaped (``printable``) before it reaches the terminal."""
     master, spread = status["master"], status["fairness"]
     reloading = f" -> {master['reloading']}" if master.get("reloading") else ""
+    name, state, kind, version = (
+        printable(str(master[key])) for key in ("name", "state", "worker_class", "version")
+    )
     lines = [
-        f"master {master['pid']} [{master['name']}]  {master['state']}  "
+        f"master {master['pid']} [{name}]  {state}  "
         f"up {duration(master['uptime'])}  generation {master['generation']}{reloading}  "
-        f"{master['workers']} {master['worker_class']} workers  prefork {master['version']}",
-        f"  binds: {', '.join(master['binds'])}",
+        f"{master['workers']} {kind} workers  prefork {version}",
+        f"  binds: {printable(', '.join(master['binds']))}",
         f"  rss {size(master['rss'])}  cpu {_cpu(master['cpu_percent'])}%  "
         f"requests {master['requests']} since start",
         "  spread over {} serving workers: {} requests, max/min {}, Jain {}".format(
@@ -169,7 +175,7 @@ def render(status: dict[str, Any]) -> str:
                 size(w["rss"]),
                 _cpu(w["cpu_percent"]),
                 duration(w["age"]),
-                f"{duration(w['heartbeat_age'])} ago",
+                "-" if w["heartbeat_age"] is None else f"{duration(w['heartbeat_age'])} ago",
             ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]

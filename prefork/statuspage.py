@@ -9,12 +9,19 @@ the master's own user and root open them.
 
 The master page is a sequence lock: the sequence number is odd while the master writes,
 and a reader retries until it reads the same even number before and after the JSON.
+
+``prefork status`` is often run as root, against a PID someone else may control: a
+page is read only if it is a regular file (never a FIFO that would block), at most
+MASTER_PAGE_MAX bytes, and a master page must be JSON with the fields and types
+prefork writes (``_check_master``); anything else is one StatusError line. Worker pages
+are checked as they are parsed (``WorkerPage.parse``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import time
 from dataclasses import dataclass, field
@@ -28,6 +35,22 @@ _SEQUENCE = struct.Struct("Q")
 _LENGTH = struct.Struct("I")
 _DATA_OFFSET = _SEQUENCE.size + _LENGTH.size
 _READ_ATTEMPTS = 100
+MASTER_PAGE_MAX = 1 << 16  # bytes of JSON; a master's facts take a few hundred
+# What a master page holds, and the type of each value (extra keys are ignored: a newer
+# prefork may add some).
+_MASTER_FIELDS: dict[str, tuple[type, ...]] = {
+    "board": (int,),
+    "pid": (int,),
+    "name": (str,),
+    "version": (str,),
+    "state": (str,),
+    "generation": (int,),
+    "reloading": (int, type(None)),
+    "workers": (int,),
+    "worker_class": (str,),
+    "binds": (list,),
+    "served_by_exited": (int,),
+}
 
 
 class StatusError(Exception):
@@ -92,14 +115,18 @@ def read_boards(pid: int) -> list[Board]:
         if not is_master and not target.startswith(f"/memfd:{WORKER_MEMFD_NAME} "):
             continue
         try:
-            fd = os.open(f"{fd_dir}/{name}", os.O_RDONLY)
+            fd = os.open(f"{fd_dir}/{name}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             continue  # a worker's page closed as it exited
         except PermissionError:
             raise _permission_denied(pid) from None
+        except OSError:
+            continue  # not something we can read as a page
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StatusError(f"PID {pid}: {target!r} is not a status page")
             if is_master:
-                masters.append(_read_master_page(fd))
+                masters.append(_check_master(_read_master_page(fd), pid))
             else:
                 page = WorkerPage.parse(os.pread(fd, PAGE_SIZE, 0), now)
                 if page.pid:  # zero until the master has forked it
@@ -134,12 +161,35 @@ def _read_master_page(fd: int) -> dict[str, Any]:
         (length,) = _LENGTH.unpack_from(header, _SEQUENCE.size)
         if before % 2:
             continue
+        if length > MASTER_PAGE_MAX:
+            raise StatusError(f"the master's status page claims {length} bytes; not prefork's")
         data = os.pread(fd, length, _DATA_OFFSET)
         (after,) = _SEQUENCE.unpack(os.pread(fd, _SEQUENCE.size, 0))
         if before == after:
-            facts: dict[str, Any] = json.loads(data)
-            return facts
+            try:
+                return json.loads(data)  # type: ignore[no-any-return]
+            except (ValueError, RecursionError):
+                raise StatusError("the master's status page is not JSON; not prefork's") from None
     raise StatusError("the master's status page keeps changing; try again")
+
+
+def _check_master(facts: Any, pid: int) -> dict[str, Any]:
+    """The page's facts if they are what prefork writes; StatusError naming what is not."""
+
+    def bad(why: str) -> StatusError:
+        return StatusError(f"PID {pid}: its status page is not one prefork writes ({why})")
+
+    if not isinstance(facts, dict):
+        raise bad("not a JSON object")
+    for key, types in _MASTER_FIELDS.items():
+        value = facts.get(key, ...)
+        if value is ...:
+            raise bad(f"no {key!r}")
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise bad(f"{key!r} is {type(value).__name__}")
+    if not all(isinstance(bind, str) for bind in facts["binds"]):
+        raise bad("'binds' holds something other than text")
+    return facts
 
 
 def _master_hint(pid: int) -> str:

@@ -20,6 +20,7 @@ import logging
 import os
 import socketserver
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +38,12 @@ class Target:
 
     @classmethod
     def parse(cls, text: str) -> Target:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise AppImportError(f"bad app {ascii(text)}: not valid UTF-8") from None
         module, sep, obj = text.partition(":")
-        if not sep or not module or not obj:
+        if not sep or not module or not obj or "\0" in text:
             raise AppImportError(f"bad app {text!r}: expected MODULE:OBJECT, e.g. myapp:Handler")
         return cls(module, obj)
 
@@ -133,18 +138,39 @@ def stdlib_modules(names: set[str]) -> list[str]:
 def import_stdlib(names: list[str]) -> int:
     """Import, in the master, the standard-library modules the app's import uses (as
     reported by ``Target.check``); how many are now imported. A module that fails is
-    left to the workers, as it would have been."""
+    left to the workers, as it would have been.
+
+    The names come from a child that ran the app's code as the workers' user, and the
+    master may be root: they are imported from the standard library's own directories
+    only (``sys.path`` narrowed while they are), never from the app's directory or
+    ``PYTHONPATH``, where a file named like a standard module could have been planted.
+    """
     imported = 0
-    for name in stdlib_modules(set(names)):
-        if name in sys.modules:
-            imported += 1
-            continue
-        try:
-            importlib.import_module(name)
-            imported += 1
-        except Exception:
-            log.debug("importing %s ahead of the workers failed", name, exc_info=True)
+    with _stdlib_path_only():
+        for name in stdlib_modules(set(names)):
+            if name in sys.modules:
+                imported += 1
+                continue
+            try:
+                importlib.import_module(name)
+                imported += 1
+            except Exception:
+                log.debug("importing %s ahead of the workers failed", name, exc_info=True)
     return imported
+
+
+@contextlib.contextmanager
+def _stdlib_path_only() -> Iterator[None]:
+    stdlib = os.path.dirname(os.__file__)  # sysconfig's would name a venv's own lib/
+    dirs = [stdlib, os.path.join(stdlib, "lib-dynload")]
+    saved, saved_cache = sys.path[:], dict(sys.path_importer_cache)
+    sys.path[:] = [d for d in dirs if os.path.isdir(d)]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+        sys.path_importer_cache.clear()
+        sys.path_importer_cache.update(saved_cache)
 
 
 def _last_line(exc: BaseException) -> str:

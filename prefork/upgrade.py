@@ -28,6 +28,12 @@ log = logging.getLogger("prefork.upgrade")
 
 HANDOVER_ENV = "PREFORK_HANDOVER"
 
+# How the new image starts: as ``python -m prefork`` would, but without the directory
+# it starts in at the head of sys.path (``-m`` and ``-c`` put it there). That directory
+# is the app's, which the workers' user may be able to write to, and the master that
+# imports prefork, click and the rest here may be root.
+_REEXEC = "import sys; del sys.path[0]; from prefork.cli import main; main()"
+
 # Run in a fresh interpreter: imports prefork itself and the target, as the new master will.
 _CHECK = """
 import sys
@@ -151,7 +157,7 @@ class Upgrader:
                 handler.flush()
             try:
                 os.chdir(self.cwd)
-                os.execve(sys.executable, [sys.executable, "-m", "prefork", *self.argv], env)
+                os.execve(sys.executable, [sys.executable, "-c", _REEXEC, *self.argv], env)
             except OSError:
                 undo()
                 raise

@@ -30,3 +30,6 @@ class WorkerProcess:
     stop_sent: int = 0  # the signal we sent to stop it, if any
     boot_error: str = ""
     kill_at: float | None = None  # stuck: its stack was asked for; SIGKILL at this time
+    watches_code: bool = False  # --reload: the one worker whose RELOAD is honoured
+    max_requests: int = 0  # its --max-requests with jitter: RETIRE is honoured only then
+    unexpected: int = 0  # status-pipe messages it had no business sending

@@ -12,12 +12,15 @@ import ctypes
 import ctypes.util
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,9 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# For handlers that speak first (apps:HoldPid) or clients that wait to be closed without
+# sending: TCP_DEFER_ACCEPT, on by default, would hold such a connection in the kernel.
+SERVER_FIRST = ("--defer-accept", "0")
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -137,6 +143,73 @@ def can_connect(address: Any) -> bool:
     return True
 
 
+# -- an interpreter the workers' user can run ------------------------------------------------
+@dataclass(frozen=True)
+class Interpreter:
+    """A Python and a PYTHONPATH entry holding prefork."""
+
+    python: str
+    path: str
+
+
+THIS = Interpreter(sys.executable, str(ROOT))
+DROP_TO_NOBODY = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups"]
+
+
+def _runs_prefork_as_nobody(interpreter: Interpreter) -> bool:
+    try:
+        result = subprocess.run(
+            [*DROP_TO_NOBODY, interpreter.python, "-c", "import prefork.cli"],
+            env={**os.environ, "PYTHONPATH": interpreter.path},
+            cwd="/",
+            capture_output=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
+
+
+@pytest.fixture(scope="session")
+def as_nobody() -> Iterator[Interpreter]:
+    """An interpreter and a copy of prefork that ``nobody`` can read, for tests where the
+    master is root and the workers are nobody. This test's interpreter when nobody can
+    run it; otherwise a venv of Debian's own python3 (readable by every user) with
+    prefork's dependencies, in a world-readable directory. As root these tests must run:
+    when neither works the test fails, it is not skipped."""
+    if os.geteuid() != 0:
+        pytest.skip("switching users needs root")
+    home = Path(tempfile.mkdtemp(prefix="prefork-nobody-"))
+    home.chmod(0o755)
+    shutil.copytree(ROOT / "prefork", home / "prefork", ignore=shutil.ignore_patterns("*.pyc"))
+    try:
+        chosen = Interpreter(sys.executable, str(home))
+        if not _runs_prefork_as_nobody(chosen):
+            chosen = _debian_venv(home)
+        yield chosen
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _debian_venv(home: Path) -> Interpreter:
+    system = shutil.which("python3", path="/usr/bin:/bin")
+    if system is None:
+        pytest.fail("nobody cannot run this interpreter, and there is no /usr/bin/python3")
+    venv = home / "venv"
+    packages = ["click>=8.1", "setproctitle>=1.3", "psutil>=5.9", "tomli>=2; python_version<'3.11'"]
+    subprocess.run([system, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *packages],
+        check=True,
+        timeout=600,
+        capture_output=True,
+    )
+    chosen = Interpreter(str(venv / "bin" / "python"), str(home))
+    if not _runs_prefork_as_nobody(chosen):
+        pytest.fail(f"nobody cannot run prefork with {system} either")
+    return chosen
+
+
 # -- the CLI in a subprocess ----------------------------------------------------------------
 class CliServer:
     """``python -m prefork run ...`` as a user would start it, with its log in a file."""
@@ -149,12 +222,14 @@ class CliServer:
         pass_fds: tuple[int, ...],
         env: dict[str, str] | None,
         launcher: list[str] | None = None,
+        interpreter: Interpreter = THIS,
     ) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        full_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{cwd}", **(env or {})}
+        path = f"{interpreter.path}{os.pathsep}{cwd}"
+        full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
         self.proc = subprocess.Popen(
-            [*(launcher or []), sys.executable, "-m", "prefork", "run", *args],
+            [*(launcher or []), interpreter.python, "-m", "prefork", "run", *args],
             cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -231,13 +306,16 @@ def serve(app_dir: Path) -> Iterator[Callable[..., CliServer]]:
         pass_fds: tuple[int, ...] = (),
         env: dict[str, str] | None = None,
         launcher: list[str] | None = None,
+        interpreter: Interpreter = THIS,
     ) -> CliServer:
         """``listen_on``: a socket the test owns, served as ``--bind fd://N``."""
         if listen_on is not None:
             args = (*args, "-b", f"fd://{listen_on.fileno()}")
             pass_fds = (*pass_fds, listen_on.fileno())
         log_path = tmp_path / f"server{len(started)}.log"
-        server = CliServer(list(args), cwd or tmp_path, log_path, pass_fds, env, launcher)
+        server = CliServer(
+            list(args), cwd or tmp_path, log_path, pass_fds, env, launcher, interpreter
+        )
         started.append(server)
         return server
 
@@ -247,12 +325,17 @@ def serve(app_dir: Path) -> Iterator[Callable[..., CliServer]]:
 
 
 def run_cli(
-    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 20.0
+    *args: str,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 20.0,
+    interpreter: Interpreter = THIS,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``prefork`` to completion (for commands that fail before serving)."""
-    full_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{cwd}", **(env or {})}
+    path = f"{interpreter.path}{os.pathsep}{cwd}"
+    full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "prefork", *args],
+        [interpreter.python, "-m", "prefork", *args],
         cwd=cwd,
         env=full_env,
         capture_output=True,

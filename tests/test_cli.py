@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import SERVER_FIRST, run_cli
 
 import prefork
 
@@ -214,6 +214,7 @@ def test_server_class_hooks_and_overrides_apply_to_every_bind(serve, listener, a
         "hooks:Hooks",
         "-b",
         "unix:hooked.sock",
+        *SERVER_FIRST,  # the client waits to be closed, sending nothing
         listen_on=listener,
     )
     workers = server.wait_ready(2)

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import struct
 import socketserver
 import subprocess
 import threading
@@ -161,7 +162,8 @@ def test_verify_request_false_closes_the_connection() -> None:
         def verify_request(self, request: Any, client_address: Any) -> bool:
             return False
 
-    with serving(Server(("127.0.0.1", 0), Echo, workers=1)) as server:  # noqa: SIM117
+    # The client sends nothing and waits to be closed: TCP_DEFER_ACCEPT off.
+    with serving(Server(("127.0.0.1", 0), Echo, workers=1, defer_accept=0)) as server:  # noqa: SIM117
         with socket.create_connection(server.server_address, timeout=5) as conn:
             assert conn.recv(10) == b""  # closed without being served
 
@@ -172,18 +174,24 @@ class ClientPort(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock = self.request
         facts = f"{self.client_address!r} {sock.family!r} {sock.type!r} {sock.gettimeout()!r}"
-        sock.sendall(facts.encode() + b"\n")
+        receive = struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+        sock.sendall(f"{facts} {receive[0] + receive[1] / 1e6}".encode() + b"\n")
 
 
 def test_accepted_socket_is_what_socket_accept_gives() -> None:
     # The worker accepts without socket.accept's per-connection enum lookups; the
     # handler must see the same socket and address all the same.
-    with serving(prefork.PreForkTCPServer(("127.0.0.1", 0), ClientPort, workers=1)) as server:  # noqa: SIM117
-        with socket.create_connection(server.server_address, timeout=5) as conn:
+    # --client-timeout is the kernel's (SO_RCVTIMEO, inherited from the listener): the
+    # connection stays blocking, as socket.accept gives it.
+    for client_timeout, seen in [(0, "None 0.0"), (7.5, "None 7.5")]:
+        server = prefork.PreForkTCPServer(
+            ("127.0.0.1", 0), ClientPort, workers=1, defer_accept=0, client_timeout=client_timeout
+        )
+        with serving(server), socket.create_connection(server.server_address, timeout=5) as conn:
             port = conn.getsockname()[1]
             answer = conn.makefile("rb").readline().decode()
-    assert answer.split(") ", 1)[0] == f"('127.0.0.1', {port}"
-    assert "<AddressFamily.AF_INET: 2> <SocketKind.SOCK_STREAM: 1> None" in answer
+        assert answer.split(") ", 1)[0] == f"('127.0.0.1', {port}"
+        assert f"<AddressFamily.AF_INET: 2> <SocketKind.SOCK_STREAM: 1> {seen}" in answer
 
 
 def test_get_request_override_is_used() -> None:
@@ -192,9 +200,11 @@ def test_get_request_override_is_used() -> None:
             request, _ = super().get_request()
             return request, ("203.0.113.9", 4242)  # what a PROXY-protocol server might do
 
-    with serving(Server(("127.0.0.1", 0), ClientPort, workers=1)) as server:  # noqa: SIM117
+    with serving(Server(("127.0.0.1", 0), ClientPort, workers=1, defer_accept=0)) as server:  # noqa: SIM117
         with socket.create_connection(server.server_address, timeout=5) as conn:
-            assert conn.makefile("rb").readline().startswith(b"('203.0.113.9', 4242)")
+            answer = conn.makefile("rb").readline()
+    assert answer.startswith(b"('203.0.113.9', 4242)")
+    assert answer.endswith(b" None 10.0\n")  # its connections have the client timeout too
 
 
 def test_hooks_run_in_workers_and_bind_hooks_once_in_master(tmp_path: Path) -> None:

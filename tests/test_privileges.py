@@ -1,7 +1,7 @@
 """--user/--group/--umask/--socket-mode: bind as root, serve as nobody.
 
-These run as root (as the test machine does) and need the checkout to be readable by
-``nobody``; otherwise they are skipped with the reason.
+These run as root (as the test machines do), with an interpreter and a copy of prefork
+that nobody can read (the ``as_nobody`` fixture); as root they never skip.
 """
 
 from __future__ import annotations
@@ -11,17 +11,15 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, run_cli, wait_until
+from conftest import DROP_TO_NOBODY, Interpreter, run_cli, wait_until
 
 NOBODY = 65534
-DROP_TO_NOBODY = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups"]
 
 WHO_APP = """
 import os, socketserver
@@ -31,29 +29,6 @@ class WhoAmI(socketserver.StreamRequestHandler):
         groups = ",".join(str(g) for g in sorted(os.getgroups()))
         self.wfile.write(f"{os.getuid()} {os.geteuid()} {os.getgid()} {groups}\\n".encode())
 """
-
-
-def _nobody_can_import_prefork() -> bool:
-    try:
-        result = subprocess.run(
-            [*DROP_TO_NOBODY, sys.executable, "-c", "import prefork.cli"],
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            cwd="/",
-            capture_output=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return result.returncode == 0
-
-
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root"),
-    pytest.mark.skipif(
-        os.geteuid() == 0 and not _nobody_can_import_prefork(),
-        reason="the checkout or the interpreter is not readable by nobody",
-    ),
-]
 
 
 @pytest.fixture
@@ -87,12 +62,13 @@ def ask(address: object) -> list[str]:
 
 
 def test_workers_serve_a_privileged_port_as_nobody_while_the_master_keeps_root(
-    serve, open_dir: Path
+    serve, open_dir: Path, as_nobody: Interpreter
 ):
     port = free_port(range(800, 1000))  # below 1024: only root may bind it
     server = serve(
-        "who:WhoAmI", "-w", "2", "-b", f"127.0.0.1:{port}", "--user", "nobody", cwd=open_dir
-    )
+        "who:WhoAmI", "-w", "2", "-b", f"127.0.0.1:{port}", "--user", "nobody",
+        cwd=open_dir, interpreter=as_nobody,
+    )  # fmt: skip
     pids = server.wait_ready(2)
     uid, euid, gid, groups = ask(("127.0.0.1", port))
     assert (int(uid), int(euid), int(gid), groups) == (NOBODY, NOBODY, NOBODY, str(NOBODY))
@@ -102,17 +78,17 @@ def test_workers_serve_a_privileged_port_as_nobody_while_the_master_keeps_root(
     server.signal(signal.SIGHUP)
     wait_until(lambda: "reload complete: generation 2" in server.log, timeout=20)
     assert ask(("127.0.0.1", port))[0] == str(NOBODY)
-    status = run_cli("status", str(server.pid), cwd=open_dir)
+    status = run_cli("status", str(server.pid), cwd=open_dir, interpreter=as_nobody)
     assert status.returncode == 0 and f"master {server.pid}" in status.stdout
 
 
-def test_unix_socket_mode_owner_and_umask(serve, open_dir: Path):
+def test_unix_socket_mode_owner_and_umask(serve, open_dir: Path, as_nobody: Interpreter):
     sock, log, access = open_dir / "app.sock", open_dir / "prefork.log", open_dir / "access.log"
     server = serve(
         "who:WhoAmI", "-w", "1", "-b", f"unix:{sock}",
         "--user", "nobody", "--group", "nogroup", "--socket-mode", "660", "--umask", "027",
         "--log-file", str(log), "--access-log", str(access),
-        cwd=open_dir,
+        cwd=open_dir, interpreter=as_nobody,
     )  # fmt: skip
     wait_until(lambda: log.exists() and ") booted" in log.read_text(), message=lambda: server.log)
     assert ask(str(sock))[0] == str(NOBODY)
@@ -124,16 +100,16 @@ def test_unix_socket_mode_owner_and_umask(serve, open_dir: Path):
     wait_until(lambda: access.read_text().count(" ok\n") == 1, message="the access line")
 
 
-def test_a_worker_that_cannot_switch_never_serves(open_dir: Path):
+def test_a_worker_that_cannot_switch_never_serves(open_dir: Path, as_nobody: Interpreter):
     """Started as nobody and told to run workers as root: the switch fails; nothing
     serves, one line says why, nothing is left behind."""
     port = free_port(range(20000, 20100))
     for preload in ([], ["--preload"]):  # the import check, then the worker itself
         result = subprocess.run(
-            [*DROP_TO_NOBODY, sys.executable, "-m", "prefork", "run", "who:WhoAmI",
+            [*DROP_TO_NOBODY, as_nobody.python, "-m", "prefork", "run", "who:WhoAmI",
              "-b", f"127.0.0.1:{port}", "-w", "1", "--user", "root", *preload],
             cwd=open_dir,
-            env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{open_dir}"},
+            env={**os.environ, "PYTHONPATH": f"{as_nobody.path}{os.pathsep}{open_dir}"},
             capture_output=True,
             text=True,
             timeout=30,

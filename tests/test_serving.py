@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import echo_line, wait_until
+from conftest import SERVER_FIRST, echo_line, wait_until
 
 
 def logged_port(server) -> int:
@@ -155,7 +155,17 @@ def hold(address: tuple[str, int]) -> tuple[socket.socket, int]:
 
 
 def test_thread_worker_at_its_thread_cap_leaves_connections_to_idle_workers(serve, listener):
-    server = serve("apps:HoldPid", "-w", "2", "-k", "thread", "--threads", "1", listen_on=listener)
+    server = serve(
+        "apps:HoldPid",
+        "-w",
+        "2",
+        "-k",
+        "thread",
+        "--threads",
+        "1",
+        *SERVER_FIRST,
+        listen_on=listener,
+    )
     server.wait_ready(2)
     first, first_pid = hold(listener.getsockname())
     second, second_pid = hold(listener.getsockname())
@@ -164,7 +174,17 @@ def test_thread_worker_at_its_thread_cap_leaves_connections_to_idle_workers(serv
 
 
 def test_thread_worker_serves_up_to_threads_connections_at_once(serve, listener):
-    server = serve("apps:HoldPid", "-w", "1", "-k", "thread", "--threads", "3", listen_on=listener)
+    server = serve(
+        "apps:HoldPid",
+        "-w",
+        "1",
+        "-k",
+        "thread",
+        "--threads",
+        "3",
+        *SERVER_FIRST,
+        listen_on=listener,
+    )
     (worker,) = server.wait_ready(1)
     held = [hold(listener.getsockname()) for _ in range(3)]
     try:
@@ -220,7 +240,9 @@ def test_connection_ends_when_the_handler_returns(
     """prefork closes without socketserver's shutdown(SHUT_WR) when close() alone sends
     the FIN; a handler that keeps a file open on the socket still gets it shut down."""
     (app_dir / "leaky.py").write_text(LEAKY_APP)
-    server = serve(f"leaky:{handler}", "-w", "1", "-k", worker_class, listen_on=listener)
+    server = serve(
+        f"leaky:{handler}", "-w", "1", "-k", worker_class, *SERVER_FIRST, listen_on=listener
+    )
     server.wait_ready(1)
     for _ in range(3):
         with socket.create_connection(listener.getsockname(), timeout=5) as conn:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, echo_line, run_cli, wait_until
+from conftest import ROOT, SERVER_FIRST, echo_line, run_cli, wait_until
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -77,7 +77,7 @@ def test_status_counts_every_request_and_describes_the_pool(serve, listener, app
 
 @pytest.mark.parametrize("worker_class", ["sync", "thread", "fork"])
 def test_status_shows_a_busy_worker_and_its_client(serve, listener, app_dir, worker_class):
-    server = serve("apps:HoldPid", "-w", "1", "-k", worker_class, listen_on=listener)
+    server = serve("apps:HoldPid", "-w", "1", "-k", worker_class, *SERVER_FIRST, listen_on=listener)
     server.wait_ready(1)
     with socket.create_connection(listener.getsockname(), timeout=10) as conn:
         assert conn.makefile("rb").readline().strip().isdigit()  # held until we close

@@ -1,0 +1,345 @@
+"""Hostile clients and forged pages: idle and trickling connections, client text full of
+terminal escapes, and processes that pretend to be a prefork master."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import echo_line, run_cli, wait_until
+
+
+def probe_time(address: tuple[str, int], timeout: float = 15.0) -> float:
+    """Seconds until a fresh client is answered."""
+    started = time.monotonic()
+    assert echo_line(address, b"probe", timeout=timeout) == b"probe"
+    return time.monotonic() - started
+
+
+def idle(address: tuple[str, int], count: int, first: bytes = b"") -> list[socket.socket]:
+    conns = []
+    for _ in range(count):
+        conn = socket.create_connection(address, timeout=10)
+        if first:
+            conn.sendall(first)
+        conns.append(conn)
+    return conns
+
+
+def test_the_default_listener_defers_accept_until_the_client_speaks(serve, listener):
+    server = serve("apps:Echo", "-w", "1", listen_on=listener)
+    server.wait_ready(1)
+    assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) >= 30
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    with socket.create_server(("127.0.0.1", 0)) as other:
+        other.set_inheritable(True)
+        off = serve("apps:Echo", "-w", "1", "--defer-accept", "0", listen_on=other)
+        off.wait_ready(1)
+        assert other.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) == 0
+
+
+def test_idle_connections_do_not_stall_a_sync_pool_with_the_defaults(serve, listener):
+    """Two connections that send nothing froze the default 2-worker sync pool for 30 s,
+    then got both workers killed. The kernel now holds them (TCP_DEFER_ACCEPT)."""
+    server = serve("apps:Echo", "-w", "2", listen_on=listener)
+    workers = server.wait_ready(2)
+    address = listener.getsockname()
+    conns = idle(address, 2)
+    try:
+        time.sleep(2.0)  # a measurement window: the attack in progress
+        assert probe_time(address) < 1.0
+    finally:
+        for conn in conns:
+            conn.close()
+    assert sorted(server.booted()) == sorted(workers) and "timed out" not in server.log
+
+
+def test_idle_clients_past_the_deferral_are_cut_by_the_client_timeout(serve, listener):
+    server = serve(
+        "apps:Echo", "-w", "2", "--defer-accept", "1", "--client-timeout", "2",
+        "--timeout", "30", listen_on=listener,
+    )  # fmt: skip
+    workers = server.wait_ready(2)
+    address = listener.getsockname()
+    conns = idle(address, 2)
+    try:
+        time.sleep(1.5)  # handed over after ~1 s, each now holds a sync worker
+        assert probe_time(address) < 4.0  # at most the client timeout
+        for conn in conns:  # closed by the server, not by the test
+            assert conn.recv(10) == b""
+    finally:
+        for conn in conns:
+            conn.close()
+    assert sorted(server.booted()) == sorted(workers)
+    assert "Traceback" not in server.log and "Exception" not in server.log
+
+
+def test_trickling_clients_are_dropped_and_a_probe_gets_through(serve, listener):
+    """Six clients that send a first byte and then stall, against two sync workers."""
+    server = serve("apps:Echo", "-w", "2", "--client-timeout", "2", listen_on=listener)
+    workers = server.wait_ready(2)
+    address = listener.getsockname()
+    conns = idle(address, 6, first=b"G")
+    try:
+        assert probe_time(address) < 9.0  # three rounds of two, 2 s each, at worst
+        for conn in conns:
+            assert conn.recv(10) == b""
+    finally:
+        for conn in conns:
+            conn.close()
+    assert sorted(server.booted()) == sorted(workers)
+    assert "Traceback" not in server.log
+
+
+def test_idle_connections_do_not_fill_a_thread_pool(serve, listener):
+    """32 silent connections used to take all 2 x 16 threads for as long as they stayed."""
+    server = serve("apps:Echo", "-w", "2", "-k", "thread", listen_on=listener)
+    server.wait_ready(2)
+    address = listener.getsockname()
+    conns = idle(address, 40)
+    try:
+        time.sleep(1.0)
+        assert probe_time(address) < 1.0
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+RECV_APP = """
+import socketserver
+class Recv(socketserver.BaseRequestHandler):
+    def handle(self):
+        while self.request.recv(100):
+            pass
+"""
+
+
+@pytest.mark.parametrize("bind", ["tcp", "unix"])
+def test_a_client_timeout_is_a_debug_line_never_a_traceback(
+    serve, listener, app_dir: Path, bind: str
+):
+    """The handler's recv() outwaits the timeout and raises (EAGAIN): handle_error says
+    it at debug level. A TCP connection has it from its listener, a Unix one is given
+    it as it is accepted."""
+    (app_dir / "recv.py").write_text(RECV_APP)
+    path = str(app_dir / "app.sock")
+    where = {"listen_on": listener} if bind == "tcp" else {}
+    unix = ("-b", f"unix:{path}") if bind == "unix" else ()
+    server = serve(
+        "recv:Recv", "-w", "1", "--client-timeout", "0.5", "--log-level", "debug", *unix,
+        **where,
+    )  # fmt: skip
+    server.wait_ready(1)
+    family = socket.AF_INET if bind == "tcp" else socket.AF_UNIX
+    with socket.socket(family) as conn:
+        conn.settimeout(10)
+        conn.connect(listener.getsockname() if bind == "tcp" else path)
+        conn.sendall(b"partial")
+        started = time.monotonic()
+        assert conn.recv(10) == b""  # closed after 0.5 s of silence
+        assert 0.4 < time.monotonic() - started < 5
+    wait_until(lambda: "was silent for 0.5s (--client-timeout); closed" in server.log, 5)
+    assert "[DEBUG]" in next(x for x in server.log.splitlines() if "was silent" in x)
+    assert "Traceback" not in server.log and "Error" not in server.log
+
+
+def test_a_line_reader_times_out_as_with_settimeout(serve, listener):
+    """readline() raises TimeoutError, as with socket.settimeout, rather than handing the
+    handler half a line as if the stream had ended."""
+    server = serve("apps:Echo", "-w", "1", "--client-timeout", "0.5", listen_on=listener)
+    server.wait_ready(1)
+    with socket.create_connection(listener.getsockname(), timeout=10) as conn:
+        conn.sendall(b"no newline yet")
+        assert conn.makefile("rb").read() == b""  # closed, half a line never echoed
+    assert "Traceback" not in server.log
+
+
+def test_a_handler_with_its_own_timeout_keeps_it(serve, listener, app_dir: Path):
+    (app_dir / "own.py").write_text(
+        "import socketserver\n"
+        "class Own(socketserver.StreamRequestHandler):\n"
+        "    timeout = 60\n"
+        "    def handle(self):\n"
+        "        self.rfile.readline()\n"
+        "        self.wfile.write(b'%r\\n' % self.connection.gettimeout())\n"
+    )
+    server = serve("own:Own", "-w", "1", "--client-timeout", "3", listen_on=listener)
+    server.wait_ready(1)
+    assert echo_line(listener.getsockname(), b"x") == b"60.0"
+
+
+# -- text a client chooses -------------------------------------------------------------------
+EVIL = "\x1b]0;owned\x07\x1b[2J\n[master] forged line"
+
+
+@pytest.fixture
+def evil_client(tmp_path: Path) -> Iterator[socket.socket]:
+    """A Unix client bound at a path full of terminal escapes and a line break."""
+    directory = tmp_path / "c"
+    directory.mkdir()
+    conn = socket.socket(socket.AF_UNIX)
+    conn.bind(str(directory / EVIL.replace("/", "_")))
+    yield conn
+    conn.close()
+
+
+def test_client_text_is_escaped_in_status_the_log_and_the_access_log(
+    serve, app_dir: Path, evil_client: socket.socket
+):
+    path, access = str(app_dir / "app.sock"), app_dir / "access.log"
+    server = serve(
+        "apps:Slow", "-w", "1", "-b", f"unix:{path}", "--timeout", "1.5",
+        "--access-log", str(access),
+    )  # fmt: skip
+    server.wait_ready(1)
+    evil_client.connect(path)
+    evil_client.sendall(b"4\n")  # a request that outlives --timeout
+    assert evil_client.recv(8) == b"started\n"
+    status = run_cli("status", str(server.pid), cwd=app_dir)
+    as_json = run_cli("status", "--json", str(server.pid), cwd=app_dir)
+    wait_until(lambda: "timed out: its request from" in server.log, 10, message=lambda: server.log)
+    for text in (status.stdout, as_json.stdout, server.log):
+        assert "\x1b" not in text and "\x07" not in text
+        assert "\n[master] forged line" not in text
+    assert "\\x1b]0;owned\\x07" in status.stdout
+    assert "\\x1b]0;owned\\x07" in json.loads(as_json.stdout)["workers"][0]["client"]
+    assert "\\x1b]0;owned" in next(x for x in server.log.splitlines() if "timed out" in x)
+    wait_until(lambda: server.worker_pids() and len(server.booted()) == 1, 10)
+    with socket.socket(socket.AF_UNIX) as plain:  # a request that finishes: its access line
+        plain.settimeout(5)
+        plain.bind(str(app_dir / "c\x1bx"))
+        plain.connect(path)
+        plain.sendall(b"0\n")
+        assert plain.makefile("rb").read() == b"started\ndone\n"
+    wait_until(lambda: access.exists() and "ms ok" in access.read_text(), 5)
+    assert "\x1b" not in access.read_text() and "c\\x1bx" in access.read_text()
+
+
+def test_handle_error_escapes_the_client_and_the_exception(serve, app_dir: Path):
+    (app_dir / "fails.py").write_text(
+        "import socketserver\n"
+        "class Fails(socketserver.StreamRequestHandler):\n"
+        "    def handle(self):\n"
+        "        raise ValueError(self.rfile.readline())\n"
+    )
+    path = str(app_dir / "app.sock")
+    server = serve("fails:Fails", "-w", "1", "-b", f"unix:{path}")
+    server.wait_ready(1)
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.bind(str(app_dir / "\x1b[31mred"))
+        conn.connect(path)
+        conn.sendall(b"\x1b[2J boom\n")
+        conn.recv(10)
+    wait_until(lambda: "ValueError" in server.log, 5)
+    assert "Exception occurred during processing of request from" in server.log
+    assert "\x1b" not in server.log and "\\x1b[31mred" in server.log
+
+
+# -- pages that are not prefork's --------------------------------------------------------------
+FORGER = r"""
+import os, struct, sys, time
+payload = sys.stdin.buffer.read()
+fd = os.memfd_create("prefork-master", 0)
+os.write(fd, struct.pack("Q", 2) + struct.pack("I", int(sys.argv[1])) + payload)
+worker = os.memfd_create("prefork-worker", 0)
+page = bytearray(4096)
+struct.pack_into("d", page, 0, float("nan"))
+struct.pack_into("dQH", page, 8, float("inf"), 2**64 - 1, 65535)
+struct.pack_into("qIIId", page, 248, os.getpid(), 1, 1, 7, float("nan"))
+page[26:35] = b"\x1b[2Jevil\x07"
+os.write(worker, bytes(page))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+VALID = {
+    "board": 7, "pid": 1, "name": "n", "version": "v", "state": "serving", "generation": 1,
+    "reloading": None, "workers": 1, "worker_class": "sync", "binds": ["x"],
+    "served_by_exited": 0,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("payload", "says"),
+    [
+        (b"{not json", "not JSON"),
+        (b"[" * 30000 + b"]" * 30000, "not JSON"),
+        (b'"a string"', "not a JSON object"),
+        (json.dumps({**VALID, "binds": [["nested"]]}).encode(), "binds"),
+        (json.dumps({k: v for k, v in VALID.items() if k != "generation"}).encode(), "generation"),
+        (json.dumps({**VALID, "workers": True}).encode(), "'workers' is bool"),
+    ],
+)
+def test_a_forged_master_page_is_one_line(tmp_path: Path, payload: bytes, says: str):
+    length = len(payload)
+    forger = subprocess.Popen(
+        [sys.executable, "-c", FORGER, str(length)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert forger.stdin and forger.stdout
+        forger.stdin.write(payload)
+        forger.stdin.close()
+        assert forger.stdout.readline() == b"ready\n"
+        for extra in ([], ["--json"]):
+            result = run_cli("status", *extra, str(forger.pid), cwd=tmp_path)
+            assert result.returncode == 1, result.stderr
+            assert "Traceback" not in result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1
+            assert says in result.stderr
+    finally:
+        forger.kill()
+        forger.wait(5)
+        if forger.stdout:
+            forger.stdout.close()
+
+
+def test_a_forged_worker_page_is_shown_without_its_lies(tmp_path: Path):
+    payload = json.dumps(VALID).encode()
+    forger = subprocess.Popen(
+        [sys.executable, "-c", FORGER, str(len(payload))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert forger.stdin and forger.stdout
+        forger.stdin.write(payload)
+        forger.stdin.close()
+        assert forger.stdout.readline() == b"ready\n"
+        text = run_cli("status", str(forger.pid), cwd=tmp_path)
+        as_json = run_cli("status", "--json", str(forger.pid), cwd=tmp_path)
+    finally:
+        forger.kill()
+        forger.wait(5)
+        if forger.stdout:
+            forger.stdout.close()
+    assert text.returncode == 0 and as_json.returncode == 0, text.stderr + as_json.stderr
+    assert "\x1b" not in text.stdout and "\\x1b[2Jevil\\x07" in text.stdout
+    (worker,) = json.loads(as_json.stdout)["workers"]
+    assert worker["heartbeat_age"] is None and worker["request_age"] is None
+    assert worker["requests"] == 2**53
+
+
+def test_status_of_a_process_with_a_fifo_named_like_a_page_does_not_hang(tmp_path: Path):
+    """A descriptor that is not a page (here a pipe) is skipped, not read."""
+    code = "import os,time; r,w=os.pipe(); print('ready',flush=True); time.sleep(60)"
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert other.stdout and other.stdout.readline() == b"ready\n"
+        result = run_cli("status", str(other.pid), cwd=tmp_path, timeout=10)
+        assert result.returncode == 1 and "is not a prefork master" in result.stderr
+    finally:
+        os.kill(other.pid, signal.SIGKILL)
+        other.wait(5)
+        if other.stdout:
+            other.stdout.close()

@@ -1,0 +1,363 @@
+"""Trust boundaries: the master as root, workers as nobody, and someone hostile between.
+
+The attacker here is the workers' user (a compromised app) or another local user: they
+may write to the directories of the logs, the pid file and the sockets, to their own
+heartbeat page and status pipe, and they choose their client addresses. Each test plants
+what they would and checks that root's files stay as they were and the service serves.
+Every test runs as root with the workers as nobody (the ``as_nobody`` fixture).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import DROP_TO_NOBODY, Interpreter, run_cli, wait_until
+
+NOBODY = 65534
+
+APP = r'''
+import gc, os, socketserver, struct, time
+
+def worker():
+    from prefork.workers.base import Worker
+    return next(o for o in gc.get_objects() if isinstance(o, Worker))
+
+class Hostile(socketserver.StreamRequestHandler):
+    """Does to its own worker's page and pipe what a compromised app could."""
+    def handle(self):
+        what = self.rfile.readline().strip().decode()
+        me = worker()
+        page = me.spec.heartbeat._map
+        if what in ("inf", "nan", "-inf", "1e300"):
+            struct.pack_into("d", page, 0, float(what))  # the heartbeat
+            time.sleep(3)  # the loop would overwrite it at its next turn
+        elif what == "client":  # a request from a client with terminal escapes, too long
+            from prefork.heartbeat import _CLIENT_OFFSET, _REQUEST_OFFSET
+            evil = (b"\x1b]0;owned\x07\x1b[2J" * 40)[:200]
+            page[_CLIENT_OFFSET:_CLIENT_OFFSET + len(evil)] = evil
+            struct.pack_into("dQH", page, _REQUEST_OFFSET, time.monotonic(), 7, 65535)
+            time.sleep(3)
+        elif what.startswith("pipe "):
+            data = what[5:].encode()
+            os.write(me.spec.status_fd, data)
+        self.wfile.write(b"done\n")
+
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(line)
+'''
+
+
+@pytest.fixture(autouse=True)
+def _root_only() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("these tests run the master as root")
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory nobody can read (pytest's tmp_path is root's alone), with the app,
+    and in it a directory owned by nobody: the attacker's."""
+    path = Path(tempfile.mkdtemp(prefix="prefork-trust-"))
+    path.chmod(0o755)
+    (path / "hostile.py").write_text(APP)
+    theirs = path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> Iterator[Path]:
+    """A root-owned 0600 file in a root-only directory: /etc/shadow, for the tests."""
+    path = tmp_path / "shadow"
+    path.write_text("root:$6$secret:19000:0:99999:7:::\n")
+    path.chmod(0o600)
+    before = _facts(path)
+    yield path
+    assert _facts(path) == before, "the secret file was changed"
+
+
+def _facts(path: Path) -> tuple[int, int, int, str]:
+    info = os.stat(path)
+    return info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode), path.read_text()
+
+
+def plant(link: Path, target: Path) -> Path:
+    """A symlink as nobody would make it: it belongs to nobody."""
+    link.symlink_to(target)
+    os.lchown(link, NOBODY, NOBODY)
+    return link
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def ask(address: object, line: bytes = b"ping", timeout: float = 10.0) -> bytes:
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family) as conn:
+        conn.settimeout(timeout)
+        conn.connect(address)
+        conn.sendall(line + b"\n")
+        return conn.makefile("rb").readline().strip()
+
+
+# -- paths root touches -------------------------------------------------------------------
+@pytest.mark.parametrize("option", ["--log-file", "--access-log"])
+def test_a_planted_symlink_log_is_refused_not_followed(
+    open_dir: Path, secret: Path, as_nobody: Interpreter, option: str
+):
+    link = plant(open_dir / "theirs" / "app.log", secret)
+    result = run_cli(
+        "run", "hostile:Echo", "-b", "127.0.0.1:0", "--user", "nobody", option, str(link),
+        cwd=open_dir, interpreter=as_nobody,
+    )  # fmt: skip
+    line = one_line(result)
+    assert str(link) in line and "symbolic link" in line
+    assert link.is_symlink()
+
+
+def test_a_log_with_another_hard_link_is_not_given_away(
+    open_dir: Path, secret: Path, as_nobody: Interpreter
+):
+    os.link(secret, open_dir / "theirs" / "app.log")  # what protected_hardlinks=0 allows
+    result = run_cli(
+        "run", "hostile:Echo", "-b", "127.0.0.1:0", "--user", "nobody",
+        "--log-file", str(open_dir / "theirs" / "app.log"),
+        cwd=open_dir, interpreter=as_nobody,
+    )  # fmt: skip
+    assert "hard links" in one_line(result)
+
+
+def test_a_symlinked_directory_of_theirs_is_not_followed(
+    open_dir: Path, secret: Path, as_nobody: Interpreter
+):
+    plant(open_dir / "theirs" / "logs", secret.parent)  # .../theirs/logs -> root's directory
+    log = open_dir / "theirs" / "logs" / "shadow"
+    result = run_cli(
+        "run", "hostile:Echo", "-b", "127.0.0.1:0", "--user", "nobody", "--log-file", str(log),
+        cwd=open_dir, interpreter=as_nobody,
+    )  # fmt: skip
+    assert "refusing to follow the symbolic link logs" in one_line(result)
+
+
+def test_a_planted_symlink_at_the_socket_path_is_not_bound_through(
+    open_dir: Path, secret: Path, as_nobody: Interpreter
+):
+    link = plant(open_dir / "theirs" / "app.sock", secret)
+    result = run_cli(
+        "run", "hostile:Echo", "-b", f"unix:{link}", "--user", "nobody", "--socket-mode", "666",
+        cwd=open_dir, interpreter=as_nobody,
+    )  # fmt: skip
+    assert "address already in use" in one_line(result)
+
+
+def test_the_pid_file_replaces_a_planted_symlink_and_goes_only_if_still_ours(
+    serve, open_dir: Path, secret: Path, as_nobody: Interpreter
+):
+    pid_file = plant(open_dir / "theirs" / "app.pid", secret)
+    server = serve(
+        "hostile:Echo", "-w", "1", "-b", "127.0.0.1:0", "--user", "nobody",
+        "--pid", str(pid_file), cwd=open_dir, interpreter=as_nobody,
+    )  # fmt: skip
+    server.wait_ready(1)
+    assert not pid_file.is_symlink() and pid_file.read_text() == f"{server.pid}\n"
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    assert not pid_file.exists()
+
+
+def test_root_never_chowns_through_a_symlink_swapped_over_the_socket(
+    serve, open_dir: Path, secret: Path, as_nobody: Interpreter
+):
+    """A second process, as nobody, replaces the socket file with a symlink to the
+    secret the moment it appears, in a tight loop, while the master binds again and
+    again. The old master won this race 7 times in 7."""
+    path = open_dir / "theirs" / "app.sock"
+    racer = subprocess.Popen(
+        [*DROP_TO_NOBODY, as_nobody.python, "-c", RACER, str(path), str(secret), "60"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for attempt in range(6):
+            server = serve(
+                "hostile:Echo", "-w", "1", "-b", f"unix:{path}", "-b", "127.0.0.1:0",
+                "--user", "nobody", "--socket-mode", "666", cwd=open_dir,
+                interpreter=as_nobody,
+            )  # fmt: skip
+            wait_until(lambda s=server: "booted" in s.log or s.proc.poll() is not None, 15)
+            server.stop()
+            assert _facts(secret)[:3] == (0, 0, 0o600), f"chowned at attempt {attempt}"
+            if path.is_symlink():  # the racer's: the next bind would find the path taken
+                path.unlink()
+    finally:
+        racer.terminate()
+        swaps, _ = racer.communicate(timeout=30)
+    assert int(swaps) > 0, "the racer never saw a socket to swap: the race did not run"
+
+
+RACER = """
+import os, signal, stat, sys, time
+path, target, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+swap, deadline, swaps = path + ".swap", time.monotonic() + seconds, 0
+running = [True]
+signal.signal(signal.SIGTERM, lambda *_: running.clear())
+lstat, rename, is_socket = os.lstat, os.rename, stat.S_ISSOCK
+os.symlink(target, swap)  # made ahead: the swap itself is one rename
+while running and time.monotonic() < deadline:
+    try:
+        if is_socket(lstat(path).st_mode):
+            rename(swap, path)
+            swaps += 1
+            os.symlink(target, swap)
+    except OSError:
+        pass
+print(swaps, flush=True)
+"""
+
+
+def test_reopen_hup_and_usr2_refuse_a_symlink_planted_meanwhile(
+    serve, open_dir: Path, secret: Path, as_nobody: Interpreter
+):
+    """The workers' user rotates the logs its own way: moves them and plants symlinks
+    to the secret, then waits for USR1 (logrotate), a HUP that adds a bind, and USR2."""
+    theirs = open_dir / "theirs"
+    log, access, config = theirs / "app.log", theirs / "access.log", open_dir / "prefork.toml"
+    config.write_text('bind = ["127.0.0.1:0"]\n')
+    server = serve(
+        "hostile:Echo", "-w", "1", "--user", "nobody", "--config", str(config),
+        "--log-file", str(log), "--access-log", str(access),
+        cwd=open_dir, interpreter=as_nobody,
+    )  # fmt: skip
+    wait_until(lambda: log.exists() and "booted" in log.read_text(), 15)
+    for path in (log, access):
+        path.rename(path.with_suffix(".1"))
+        plant(path, secret)
+    server.signal(signal.SIGUSR1)  # the master reopens both: refused, not followed
+    wait_until(lambda: "symbolic link" in server.log, 10, message=lambda: server.log)
+    assert log.is_symlink() and access.is_symlink()
+    plant(theirs / "new.sock", secret)
+    config.write_text(f'bind = ["127.0.0.1:0", "unix:{theirs / "new.sock"}"]\n')
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: "reload abandoned" in server.log, 10, message=lambda: server.log)
+    server.signal(signal.SIGUSR2)
+    wait_until(lambda: "upgrade abandoned" in server.log, 20, message=lambda: server.log)
+    assert server.proc.poll() is None  # the same master, still serving
+    assert "symbolic link" in server.log.rsplit("upgrade abandoned", 1)[1].splitlines()[0]
+
+
+# -- the master never trusts what a worker writes -------------------------------------------
+def _hostile_server(serve, open_dir: Path, as_nobody: Interpreter, *extra: str):
+    server = serve(
+        "hostile:Hostile", "-w", "2", "-b", "127.0.0.1:0", "--user", "nobody", *extra,
+        cwd=open_dir, interpreter=as_nobody,
+    )  # fmt: skip
+    server.wait_ready(2)
+    return server, _tcp_address(server)
+
+
+def _tcp_address(server) -> tuple[str, int]:
+    import psutil
+
+    ports = {
+        c.laddr.port
+        for c in psutil.Process(server.pid).net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN
+    }
+    assert len(ports) == 1, ports
+    return "127.0.0.1", ports.pop()
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf", "1e300"])
+def test_a_heartbeat_from_nowhere_gets_its_worker_killed_not_the_master(
+    serve, open_dir: Path, as_nobody: Interpreter, value: str
+):
+    server, address = _hostile_server(serve, open_dir, as_nobody)
+    hostile = socket.create_connection(address, timeout=10)
+    hostile.sendall(value.encode() + b"\n")
+    time.sleep(0.2)  # let the worker write it before the master's next turn, below
+    server.signal(signal.SIGUSR1)  # any signal makes the master look at every page
+    wait_until(lambda: "impossible time" in server.log, 10, message=lambda: server.log)
+    hostile.close()
+    assert ask(address, b"ping") == b"done"  # the pool serves on
+    assert server.proc.poll() is None
+    assert server.log.count("impossible time") == 1
+    assert "Traceback" not in server.log
+
+
+def test_a_forged_request_record_is_clamped_and_escaped(
+    serve, open_dir: Path, as_nobody: Interpreter
+):
+    server, address = _hostile_server(serve, open_dir, as_nobody, "--timeout", "1")
+    hostile = socket.create_connection(address, timeout=10)
+    hostile.sendall(b"client\n")
+    wait_until(lambda: "timed out: its request from" in server.log, 10, message=lambda: server.log)
+    status = run_cli("status", str(server.pid), cwd=open_dir, interpreter=as_nobody)
+    hostile.close()
+    line = next(x for x in server.log.splitlines() if "timed out: its request from" in x)
+    assert "\x1b" not in server.log and "\x07" not in server.log
+    assert "\\x1b]0;owned\\x07" in line
+    assert (
+        status.returncode == 0 and "\x1b" not in status.stdout and "Traceback" not in status.stderr
+    )
+    assert ask(address, b"ping") == b"done"
+
+
+def test_status_pipe_messages_out_of_turn_steer_nothing(
+    serve, open_dir: Path, as_nobody: Interpreter
+):
+    server, address = _hostile_server(serve, open_dir, as_nobody)
+    assert ask(address, b"pipe H") == b"done"  # a reload, though --reload is off
+    assert ask(address, b"pipe M") == b"done"  # a recycle, though --max-requests is off
+    assert ask(address, b"pipe R") == b"done"  # ready again
+    wait_until(lambda: "which it may not; ignored" in server.log, 10)
+    assert ask(address, b"ping") == b"done"
+    assert "reloading" not in server.log and "will be replaced" not in server.log
+    assert server.log.count("which it may not; ignored") <= 2  # once per worker at most
+    assert ask(address, b"pipe " + b"x" * 150) in (b"done", b"")  # a flood: killed
+    wait_until(lambda: "out of turn; killing it" in server.log, 10, message=lambda: server.log)
+    wait_until(lambda: len(server.booted()) == 2, 10)
+    assert ask(address, b"ping") == b"done"
+    assert server.proc.poll() is None and "Traceback" not in server.log
+
+
+# -- settings that leave the workers more than they look ------------------------------------
+def test_group_without_user_says_workers_keep_root(serve, open_dir: Path, as_nobody: Interpreter):
+    server = serve(
+        "hostile:Echo", "-w", "1", "-b", "127.0.0.1:0", "--group", "nogroup",
+        cwd=open_dir, interpreter=as_nobody,
+    )  # fmt: skip
+    server.wait_ready(1)
+    assert "--group without --user: workers keep the master's user, root (uid 0)" in server.log
+
+
+def test_a_config_file_the_workers_can_change_is_called_out(
+    serve, open_dir: Path, as_nobody: Interpreter
+):
+    config = open_dir / "theirs" / "prefork.toml"
+    config.write_text("workers = 1\n")
+    os.chown(config, NOBODY, NOBODY)
+    server = serve(
+        "hostile:Echo", "-b", "127.0.0.1:0", "--user", "nobody", "--config", str(config),
+        cwd=open_dir, interpreter=as_nobody,
+    )  # fmt: skip
+    server.wait_ready(1)
+    line = next(x for x in server.log.splitlines() if "can be changed by" in x)
+    assert str(config) in line and "user nobody" in line and "[WARNING]" in line
