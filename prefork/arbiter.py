@@ -31,7 +31,7 @@ from typing import Any
 from . import listeners, signals
 from . import log as prefork_log
 from .access import prepare_access_log
-from .config import Config
+from .config import MAX_WORKERS, Config
 from .errors import EXIT_BOOT_ERROR, BootError, PreforkError
 from .escape import printable
 from .heartbeat import READY as PAGE_READY
@@ -64,6 +64,29 @@ UNEXPECTED_LIMIT = 100  # status-pipe messages out of protocol before the worker
 BOOT_ERROR_MAX = 500  # characters of a worker's boot error that reach the log
 
 
+class ErrorReport:
+    """Unexpected errors of the loop, logged without flooding the log: the first of a
+    kind with its traceback, the same again at most once a minute, with a count."""
+
+    def __init__(self, logger: logging.Logger, every: float = 60.0) -> None:
+        self._log, self._every = logger, every
+        self._last: tuple[str, str] | None = None
+        self._since, self._repeats = 0.0, 0
+
+    def report(self, exc: Exception, where: str) -> None:
+        kind, now = (type(exc).__name__, str(exc)), time.monotonic()
+        if kind != self._last:
+            self._last, self._since, self._repeats = kind, now, 0
+            self._log.error("unexpected error %s; carrying on", where, exc_info=exc)
+            return
+        self._repeats += 1
+        if now - self._since >= self._every:
+            self._log.error(
+                "unexpected error %s, %d more times: %s: %s", where, self._repeats, *kind
+            )
+            self._since, self._repeats = now, 0
+
+
 class Arbiter(Reloads):
     """Supervise a pool of workers serving ``servers`` (already bound, in this process)."""
 
@@ -77,7 +100,6 @@ class Arbiter(Reloads):
         route: signals.SignalRoute | None = None,
         upgrader: Upgrader | None = None,
         handover: Handover | None = None,
-        app_dir: str = ".",
         settings: Reconfigurer | None = None,
     ) -> None:
         self.servers = list(servers)
@@ -93,7 +115,7 @@ class Arbiter(Reloads):
         self._route = route or signals.SignalRoute(signals.Wakeup(), signals.MASTER_SIGNALS)
         self._wakeup = self._route.wakeup
         self._selector = selectors.DefaultSelector()
-        self._upgrader, self._handover, self._app_dir = upgrader, handover, app_dir
+        self._upgrader, self._handover = upgrader, handover
         self._settings = settings
         self._before_reload: tuple[Config, list[Any], int] | None = None  # to restore
         self.retiring: list[Any] = []  # servers of removed binds, closed when unused
@@ -117,6 +139,7 @@ class Arbiter(Reloads):
         Identity.resolve(config.user, config.group)  # an unknown user fails here, not at a fork
         self._poll_interval = 0.5
         self._next_watchdog = 0.0
+        self._loop_errors = ErrorReport(log)
         self._handlers: dict[int, Callable[[], None]] = {
             signal.SIGTERM: partial(self.stop, graceful=True),
             SHUTDOWN_CALLED: partial(self.stop, graceful=True),
@@ -181,15 +204,15 @@ class Arbiter(Reloads):
                 if self._turn():
                     return
                 timeout = self._seconds_to_next_deadline()
-            except Exception:
+            except Exception as exc:
                 # Unicorn's rule: the supervisor must outlive its own bugs and a bad
                 # moment (EMFILE, ENOMEM, a hook's exception); the next turn retries.
-                log.exception("unexpected error in the master's loop; carrying on")
+                self._loop_errors.report(exc, "in the master's loop")
                 timeout = LOOP_ERROR_PAUSE
             try:
                 self._wait(timeout)
-            except Exception:
-                log.exception("unexpected error while the master waited; carrying on")
+            except Exception as exc:
+                self._loop_errors.report(exc, "while the master waited")
                 time.sleep(LOOP_ERROR_PAUSE)
 
     def _turn(self) -> bool:
@@ -282,6 +305,7 @@ class Arbiter(Reloads):
                     spawned += 1
 
     def spawn_worker(self, nr: int, generation: int) -> WorkerProcess | None:
+        identity = Identity.resolve(self.config.user, self.config.group)  # before any fd
         try:
             heartbeat = Heartbeat()
         except OSError as exc:  # EMFILE/ENOMEM: try this slot again later, do not die
@@ -312,7 +336,7 @@ class Arbiter(Reloads):
             inherited_fds=self._fds_not_for_worker(nr, status_r),
             inherited_pages=[w.heartbeat for w in self.workers.values() if w.heartbeat],
             access_log=self.config.access_log,
-            identity=Identity.resolve(self.config.user, self.config.group),
+            identity=identity,
             watch_code=self.config.reload and nr == 1,
             log_format=self.config.log_format,
         )
@@ -382,11 +406,13 @@ class Arbiter(Reloads):
         """USR1: reopen the log file here and in every worker (after logrotate moved it).
         A rotated access log is created here first, for the workers' user, who then
         reopen it."""
-        if prefork_log.reopen():
+        # At once, not at the next line: the file must be there, the workers', before
+        # they reopen it (they may not create it in a directory that is root's).
+        if prefork_log.reopen(eagerly=True):
             log.info("reopened the log file; asking %d workers to do the same", len(self.workers))
         if self.config.access_log:
-            owner = file_owner(Identity.resolve(self.config.user, self.config.group))
             try:
+                owner = file_owner(Identity.resolve(self.config.user, self.config.group))
                 prepare_access_log(self.config.access_log, owner)
             except PreforkError as exc:
                 log.warning("%s; workers keep the access log they have", exc)
@@ -395,8 +421,8 @@ class Arbiter(Reloads):
                 os.kill(worker.pid, signal.SIGUSR1)
 
     def resize(self, delta: int) -> None:
-        """TTIN/TTOU: one worker more or less, never fewer than one."""
-        self.target_workers = max(1, self.target_workers + delta)
+        """TTIN/TTOU: one worker more or less, from one to MAX_WORKERS."""
+        self.target_workers = min(MAX_WORKERS, max(1, self.target_workers + delta))
         log.info("pool size is now %d", self.target_workers)
         for worker in list(self.workers.values()):
             if worker.nr > self.target_workers and not worker.stop_sent:
@@ -576,6 +602,7 @@ class Arbiter(Reloads):
             self.target_workers,
             self._served_by_exited,
             tuple(map(id, self.servers)),
+            tuple((w.pid, w.generation) for w in self.workers.values()),
         )
         if key == self._status_key:
             return
@@ -593,6 +620,13 @@ class Arbiter(Reloads):
                 "worker_class": worker_model(self.servers[0]),
                 "binds": [describe_address(s) for s in self.servers],
                 "served_by_exited": self._served_by_exited,
+                # Which pages are whose, by the master's own records: a worker can
+                # write anything into its page, its pid included.
+                "pages": [
+                    [w.pid, w.nr, w.generation, w.heartbeat.fileno()]
+                    for w in self.workers.values()
+                    if w.heartbeat is not None
+                ],
             }
         )
 

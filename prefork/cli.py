@@ -10,38 +10,32 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import socketserver
 import sys
 import typing
 from collections.abc import Callable
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, Literal
 
 import click
 from click.core import ParameterSource
 
-from . import listeners, log
+from . import listeners, log, paths
 from . import status as prefork_status
 from .access import prepare_access_log
 from .arbiter import Arbiter
-from .config import (
-    LIBRARY_SETTINGS,
-    Config,
-    env_var,
-    find_config_file,
-    flag_name,
-    read_config_file,
-    to_toml,
-)
+from .config import LIBRARY_SETTINGS, Config, env_var, flag_name
+from .config_file import find_config_file, read_config_file, to_toml
 from .errors import ConfigError, PreforkError
 from .escape import printable
 from .identity import Identity, file_owner, parse_mode
 from .mixin import PreForkMixIn
-from .paths import writable_by
+from .paths import changeable_by_others
 from .process import Pidfile
 from .signals import MASTER_SIGNALS, SignalRoute, Wakeup, unblock_all
 from .systemd import take_listen_fds
-from .target import Target, add_cwd_to_path, import_stdlib
-from .upgrade import Upgrader, take_handover
+from .target import Target, add_cwd_to_path, import_stdlib, module_source
+from .upgrade import Handover, Upgrader, take_handover
 from .version import __version__
 from .workers import SERVER_MIXINS
 
@@ -106,8 +100,17 @@ def cli() -> None:
 @click.argument("target", metavar="MODULE:OBJECT")
 @config_options
 @click.option("--print-config", is_flag=True, help="Print the effective settings and exit.")
+@click.option(
+    "--check-config",
+    is_flag=True,
+    help="Check everything as a start would (settings, config file, user and group, "
+    "--chdir, --server-class, binds, log paths, the app's import as the workers' user), "
+    "bind nothing, and exit: 0, or 2 with one line. USR2 runs this before it re-executes.",
+)
 @click.pass_context
-def run(ctx: click.Context, /, target: str, print_config: bool, **options: Any) -> None:
+def run(
+    ctx: click.Context, /, target: str, print_config: bool, check_config: bool, **options: Any
+) -> None:
     """Serve MODULE:OBJECT, a socketserver.BaseRequestHandler subclass, until stopped.
 
     Signals to the master: TERM stops gracefully, INT and QUIT stop now, TTIN and TTOU
@@ -118,31 +121,81 @@ def run(ctx: click.Context, /, target: str, print_config: bool, **options: Any) 
     inherited = take_listen_fds()  # systemd socket activation, or an upgrade's sockets
     given = given_options(ctx, options)
     try:
-        app = Target.parse(target)
-        config = settings_from(given, started_in)
         if print_config:
-            click.echo(to_toml(config), nl=False)
+            click.echo(to_toml(settings_from(given, started_in)), nl=False)
             return
-        specs = [listeners.parse_bind(text) for text in config.binds]
-        identity = Identity.resolve(config.user, config.group)
-        if config.umask is not None:
-            os.umask(parse_mode("umask", config.umask))
-        if config.chdir:
-            _chdir(config.chdir)
-        add_cwd_to_path()
-        if config.preload:
-            handler = app.load()  # once, in the master; workers share it copy-on-write
-        else:
-            # In a throwaway child: the master never imports the app, only the parts of
-            # the standard library it uses, which workers then inherit (target.py).
-            import_stdlib(app.check(identity))
-        _open_logs(config, identity)
-        found = find_config_file(given.get("config"), started_in)
-        _warn_about_privileges(
-            config, identity, os.path.join(started_in, found[0]) if found else None
-        )
+        start = prepare(target, given, started_in, checking=check_config)
+        if check_config:
+            return
+        _open_logs(start.config, start.identity, upgraded=handover is not None)
+        _warn_about_privileges(start.identity)
     except PreforkError as exc:
         raise StartupError(str(exc)) from None
+    serve(start, given, started_in, handover, inherited)
+
+
+@dataclass
+class Start:
+    """What ``prepare`` found: everything a start needs before it binds."""
+
+    app: Target
+    config: Config
+    specs: list[listeners.BindSpec]
+    identity: Identity | None
+    app_dir: str
+    handler: Any  # the app's handler class with --preload (imported in the master)
+
+
+def prepare(target: str, given: dict[str, Any], started_in: str, checking: bool) -> Start:
+    """Read and check everything, up to the app's import; PreforkError says what is wrong.
+
+    ``checking`` (--check-config): change nothing outside this process (no log file is
+    made, nothing is bound), so that it can run beside the master it checks for.
+    """
+    app = Target.parse(target)
+    config = settings_from(given, started_in)
+    specs = [listeners.parse_bind(text) for text in config.binds]
+    identity = Identity.resolve(config.user, config.group)
+    if config.umask is not None:
+        os.umask(parse_mode("umask", config.umask))
+    if config.chdir:
+        _chdir(config.chdir)
+    app_dir = os.getcwd()
+    handler = None
+    if config.preload or config.server_class:  # code the master imports itself
+        add_cwd_to_path(app_dir)
+        _refuse_code_others_can_change(config, app, identity)
+        # --server-class imports, is a class, and fits each bind whose kind is known
+        # (an fd:// bind's kind is its socket's, seen when it is adopted).
+        base: type[socketserver.BaseServer] = socketserver.TCPServer
+        for spec in specs:
+            if spec.kind != "fd":
+                base = listeners.base_server_class(spec.family, spec.stream)
+                server_class(base, config, spec.family)
+        server_class(base, config, socket.AF_INET)
+    if config.preload:
+        handler = app.load()  # once, in the master; workers share it copy-on-write
+    else:
+        # In a throwaway child: the master never imports the app, only the parts of
+        # the standard library it uses, which workers then inherit (target.py).
+        import_stdlib(app.check(identity, app_dir))
+    if checking:
+        owner = file_owner(identity)
+        for path, what in ((config.log_file, "log file"), (config.access_log, "access log")):
+            if path and path != "-":
+                paths.check_appendable(path, owner, what)
+    return Start(app, config, specs, identity, app_dir, handler)
+
+
+def serve(
+    start: Start,
+    given: dict[str, Any],
+    started_in: str,
+    handover: Handover | None,
+    inherited: list[int],
+) -> None:
+    """Bind (or adopt), write the pid file, and run the master until it stops."""
+    config = start.config
     # Handlers go in before any socket is bound: a signal sent the moment the port
     # accepts must be honoured, not kill a master that is still starting. An upgraded
     # image arrives with signals blocked (see upgrade.py) and unblocks them only now.
@@ -158,27 +211,26 @@ def run(ctx: click.Context, /, target: str, print_config: bool, **options: Any) 
         unlink = handover.unlink if handover else [""] * len(inherited)
         binds = handover.binds if handover else [""] * len(inherited)
         for fd, path, bind in zip(inherited, unlink, binds, strict=True):
-            servers.append(adopt_socket(fd, f"fd://{fd}", config, unlink=path))
+            servers.append(adopt_socket(fd, f"fd://{fd}", config, unlink=path, ours=bool(bind)))
             servers[-1].prefork_bind = bind or None  # None: systemd's, never closed by us
         # Passed sockets replace the default address; binds the user named are added,
         # except after an upgrade, whose passed sockets are those very binds.
         if not handover and ("binds" in given or not inherited):
-            servers.extend(open_server(spec, config) for spec in specs)
+            servers.extend(open_server(spec, config) for spec in start.specs)
         if config.preload:
             for server in servers:
-                server.RequestHandlerClass = handler
+                server.RequestHandlerClass = start.handler
         if pidfile:
             pidfile.write(os.getpid())
-        upgrader = Upgrader(str(app), sys.argv[1:], started_in, config.boot_timeout, identity)
+        upgrader = Upgrader(sys.argv[1:], started_in, config.boot_timeout)
         arbiter = Arbiter(
             servers,
             config,
-            name=config.name or str(app),
+            name=config.name or str(start.app),
             route=route,
             upgrader=upgrader,
-            loader=None if config.preload else app.load,
+            loader=None if config.preload else start.app.loader(start.app_dir),
             handover=handover,
-            app_dir=os.getcwd(),
             settings=CliSettings(given, started_in),
         )
         arbiter.run()
@@ -238,12 +290,23 @@ def status(
 
 
 def settings_from(given: dict[str, Any], cwd: str) -> Config:
-    """Command line and environment (``given``) over the config file over the defaults."""
+    """Command line and environment (``given``) over the config file over the defaults.
+
+    As root, a config file someone else could change is refused, at start and at every
+    HUP and USR2 that reads it again: whoever writes it chooses --user, --preload and
+    --server-class, and so what runs as root.
+    """
     found = find_config_file(given.get("config"), cwd)
     if found is None:
         return Config(**given)
     path, table = found
-    return Config(**{**read_config_file(os.path.join(cwd, path), table), **given})
+    path = os.path.join(cwd, path)
+    if os.geteuid() == 0 and (why := changeable_by_others(path)):
+        raise ConfigError(
+            f"refusing to read settings from {path} as root: {why} (a file only root "
+            "can change, given with --config, is safe)"
+        )
+    return Config(**{**read_config_file(path, table), **given})
 
 
 class CliSettings:
@@ -259,37 +322,35 @@ class CliSettings:
         return open_server(listeners.parse_bind(bind), config)
 
 
-def _open_logs(config: Config, identity: Identity | None) -> None:
+def _open_logs(config: Config, identity: Identity | None, upgraded: bool = False) -> None:
     """The log file now; the access log once, to fail here rather than in every worker.
     Both go to the workers' user, who writes to them and reopens them on USR1; both are
-    opened and handed over as paths.py does it (never through a symlink)."""
+    opened and handed over as paths.py does it (never through a symlink).
+
+    ``upgraded``: this image replaces a serving master (USR2). A log path refused now
+    (say, a symlink a worker planted) must not end the service, nor block upgrades: the
+    log goes to stderr, with one line saying why."""
     owner = file_owner(identity)
     try:
-        log.configure(config.log_level, config.log_file, config.log_format, owner)
-    except OSError as exc:
-        raise ConfigError(f"cannot open log file {config.log_file}: {exc.strerror}") from None
-    if config.access_log:
-        prepare_access_log(config.access_log, owner)
+        try:
+            log.configure(config.log_level, config.log_file, config.log_format, owner)
+        except OSError as exc:
+            raise ConfigError(f"cannot open log file {config.log_file}: {exc.strerror}") from None
+        if config.access_log:
+            prepare_access_log(config.access_log, owner)
+    except PreforkError as exc:
+        if not upgraded:
+            raise
+        log.configure(config.log_level, None, config.log_format)
+        logger.error("%s; logging to stderr", exc)
 
 
-def _warn_about_privileges(
-    config: Config, identity: Identity | None, config_file: str | None
-) -> None:
-    """One line each for settings that leave the workers more power than they look."""
-    if os.geteuid() != 0 or identity is None:
-        return
-    if identity.keeps_root:
+def _warn_about_privileges(identity: Identity | None) -> None:
+    """One line for a setting that leaves the workers more power than it looks."""
+    if os.geteuid() == 0 and identity is not None and identity.keeps_root:
         logger.warning(
             "--group without --user: workers keep the master's user, root (uid 0), with "
             "all its privileges; give --user to drop them"
-        )
-        return
-    if config_file and writable_by(config_file, identity.uid, identity.groups):
-        logger.warning(
-            "config file %s can be changed by %s, the workers' user: whoever controls "
-            "the workers could then control this master, which runs as root",
-            config_file,
-            identity,
         )
 
 
@@ -302,9 +363,10 @@ def open_server(spec: listeners.BindSpec, config: Config) -> Any:
         cls = server_class(base, config, spec.family)
         abstract = isinstance(spec.address, str) and spec.address.startswith("\0")
         if abstract and config.socket_mode:
-            raise ConfigError(
-                f"--socket-mode does not apply to {spec.text}: an abstract socket has no "
-                "file to give a mode (leave it out, or bind a path)"
+            logger.warning(
+                "--socket-mode does not apply to %s: an abstract socket has no file to give "
+                "a mode (anyone who can reach its name can connect)",
+                spec.text,
             )
         try:
             server = cls(spec.address, None, **_library_settings(config))
@@ -314,19 +376,19 @@ def open_server(spec: listeners.BindSpec, config: Config) -> Any:
     return server
 
 
-def adopt_socket(fd: int, text: str, config: Config, unlink: str = "") -> Any:
+def adopt_socket(fd: int, text: str, config: Config, unlink: str = "", ours: bool = False) -> Any:
     """Serve an already-bound descriptor (fd://N, systemd, an upgrade); its family and
-    type are read from the socket. ``unlink``: a Unix socket file we own."""
+    type are read from the socket. ``unlink``: a Unix socket file we own; ``ours``:
+    prefork bound it (an upgrade's), so the settings apply over its options."""
     sock = listeners.inherited_socket(fd, text)
     base = listeners.base_server_class(sock.family, sock.type == socket.SOCK_STREAM)
     cls = server_class(base, config, sock.family)
     try:
-        server = cls.from_socket(sock, None, **_library_settings(config))
+        server = cls.from_socket(sock, None, binders_options=not ours, **_library_settings(config))
     except OSError as exc:
         sock.close()
         raise listeners.bind_error(text, exc) from None
-    if unlink:  # ours, bound by the image before a USR2 (getsockname names its private dir)
-        server.server_address = unlink
+    if unlink:  # a socket file we made, bound by the image before a USR2
         try:
             info = os.stat(unlink, follow_symlinks=False)
             identity: tuple[int, int] | None = (info.st_dev, info.st_ino)
@@ -366,9 +428,33 @@ def server_class(base: type, config: Config, family: int) -> type[PreForkMixIn]:
         ) from None
 
 
+def _refuse_code_others_can_change(config: Config, app: Target, identity: Identity | None) -> None:
+    """--preload and --server-class import code into the master: as root, code someone
+    else could change would be theirs to run as root (say, a worker's user that can
+    write to the app's directory, at the next restart or USR2)."""
+    if os.geteuid() != 0 or identity is None or identity.uid == 0:
+        return
+    modules = [app.module] if config.preload else []
+    if config.server_class:
+        modules.append(Target.parse(config.server_class).module)
+    for module in modules:
+        source = module_source(module)
+        if source and (why := changeable_by_others(source)):
+            option = "--preload" if module == app.module and config.preload else "--server-class"
+            raise ConfigError(
+                f"{option} would import {source} into the master, which runs as root, "
+                f"but {why}: make it root's alone, or leave {option} out"
+            )
+
+
 def _chdir(path: str) -> None:
+    """--chdir, reached as paths.py reaches a path: no symlink someone else planted."""
     try:
-        os.chdir(path)
+        directory = paths.open_directory(path, f"cannot change to directory {path}")
+        try:
+            os.fchdir(directory)
+        finally:
+            os.close(directory)
     except OSError as exc:
         raise ConfigError(f"cannot change to directory {path}: {exc.strerror}") from None
 

@@ -2,30 +2,22 @@
 
 ``Config`` feeds the library (``PreForkMixIn`` keyword arguments and class attributes),
 the command line (``prefork run`` builds one click option per field, with its
-``PREFORK_<OPTION>`` environment variable) and, later, the configuration file.
-Each field's metadata says how it appears on the command line and whether the
-library accepts it.
+``PREFORK_<OPTION>`` environment variable), the config file (``config_file.py``) and the
+docs (``settings_table``). Each field's metadata says how it appears on the command
+line, whether the library accepts it, and the range of a number (``validate.py``).
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import math
 import os
-import sys
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
 from .errors import ConfigError
 from .identity import parse_mode
-from .paths import read_small_file
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10
-    import tomli as tomllib
+from .validate import check_range, check_text, check_type, number
 
 WorkerClass = Literal["sync", "thread", "fork"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -271,9 +263,9 @@ class Config:
         hints = _type_hints()
         for f in fields(self):
             value = getattr(self, f.name)
-            _check_type(f.name, value, hints[f.name])
-            _check_text(f.name, value)
-            _check_range(f.name, value, f.metadata["minimum"], f.metadata["maximum"])
+            check_type(f.name, value, hints[f.name])
+            check_text(f.name, value)
+            check_range(f.name, value, f.metadata["minimum"], f.metadata["maximum"])
         if not self.binds:
             raise ConfigError("binds must name at least one address")
         for name in ("umask", "socket_mode"):
@@ -286,72 +278,6 @@ def _type_hints() -> dict[str, Any]:
     """Config's field types, resolved once: resolving compiles every annotation string
     (about a millisecond), and the master builds a Config on every HUP."""
     return typing.get_type_hints(Config)
-
-
-def _check_range(name: str, value: Any, least: float | None, most: float | None) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
-    if least is not None and value < least:
-        raise ConfigError(f"{name} must be at least {_number(least)}, got {value!r}")
-    if most is not None and value > most:
-        raise ConfigError(f"{name} must be at most {_number(most)}, got {value!r}")
-
-
-def _number(value: float) -> str:
-    """1e9 -> '1,000,000,000': bounds read as the numbers they are."""
-    return f"{int(value):,}" if float(value).is_integer() else f"{value:,}"
-
-
-def _check_text(name: str, value: Any) -> None:
-    """Text settings must be text: a byte that is not UTF-8 (Python hands it over as a
-    lone surrogate) or a NUL would fail far from here, in a system call or a log line."""
-    for text in value if isinstance(value, tuple) else (value,):
-        if isinstance(text, str) and not _is_clean_text(text):
-            raise ConfigError(f"{name}: {ascii(text)} is not valid UTF-8 text")
-
-
-def _is_clean_text(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return "\0" not in text
-
-
-def _check_type(name: str, value: Any, hint: Any) -> None:
-    """Reject a value of the wrong type with a message naming the setting."""
-    if not _is_instance(value, hint):
-        raise ConfigError(f"{name} must be {describe_type(hint)}, got {value!r}")
-
-
-def _is_instance(value: Any, hint: Any) -> bool:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        return value in args
-    if origin is tuple:
-        return isinstance(value, tuple) and all(_is_instance(v, args[0]) for v in value)
-    if args:  # Optional[X] / X | None
-        return any(_is_instance(value, arg) for arg in args)
-    if hint is type(None):
-        return value is None
-    if isinstance(value, bool) and hint is not bool:
-        return False  # True is an int to Python, never a worker count to us
-    if hint is float:
-        return isinstance(value, (int, float))
-    return isinstance(value, hint)
-
-
-def describe_type(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is tuple:
-        return f"a tuple of {describe_type(args[0])}"
-    if args:
-        return " or ".join(describe_type(a) for a in args)
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        hint, "None"
-    )
 
 
 def flag_name(f: Any) -> str:
@@ -377,7 +303,7 @@ def settings_table() -> str:
         short = f"`{f.metadata['short']}`, " if f.metadata["short"] else ""
         default = f.metadata["default_text"] or _describe_default(f.default)
         library = f"`{f.name}=`" if f.metadata["library"] else "—"
-        key = "—" if f.name in _NOT_IN_FILE else f"`{file_key(f)}`"
+        key = "—" if f.name in NOT_IN_FILE else f"`{file_key(f)}`"
         rows.append(
             f"| {short}`--{flag_name(f)}` | `{env_var(f)}` | {key} | {default} | {library} | "
             f"{f.metadata['help']}{_describe_range(f)} |"
@@ -389,7 +315,7 @@ def _describe_range(f: Any) -> str:
     least, most = f.metadata["minimum"], f.metadata["maximum"]
     if least is None and most is None:
         return ""
-    return f" Range: {_number(least)} to {_number(most)}."
+    return f" Range: {number(least)} to {number(most)}."
 
 
 def _describe_default(default: Any) -> str:
@@ -401,109 +327,9 @@ def _describe_default(default: Any) -> str:
 
 
 # Settings that a config file cannot set: where the file is, and nothing else.
-_NOT_IN_FILE = frozenset({"config"})
+NOT_IN_FILE = frozenset({"config"})
 
 
 def file_key(f: Any) -> str:
     """A setting's key in a config file: its long option name with underscores."""
     return flag_name(f).replace("-", "_")
-
-
-def read_config_file(path: str, table: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Settings by field name from a TOML file (inside ``table``, e.g. tool.prefork).
-
-    Every problem is one ConfigError line naming the file, the key and what was expected.
-    """
-    data: Any = _parse_toml(path)
-    for name in table:
-        data = data.get(name, {})
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: {'.'.join(table)} is not a table")
-    by_key = {file_key(f): f for f in fields(Config) if f.name not in _NOT_IN_FILE}
-    hints = typing.get_type_hints(Config)
-    settings: dict[str, Any] = {}
-    for key, value in data.items():
-        setting_field = by_key.get(key)
-        if setting_field is None:
-            raise ConfigError(f"{path}: unknown setting {key!r}")
-        hint = hints[setting_field.name]
-        if typing.get_origin(hint) is tuple:
-            value = (value,) if isinstance(value, str) else value
-            value = tuple(value) if isinstance(value, list) else value
-        try:
-            _check_type(key, value, hint)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-        settings[setting_field.name] = value
-    try:
-        Config(**settings)  # ranges: "workers must be at least 1", naming the file
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    return settings
-
-
-def find_config_file(given: str | None, cwd: str = ".") -> tuple[str, tuple[str, ...]] | None:
-    """The file to read and the table in it: --config, else ./pyproject.toml's [tool.prefork]."""
-    if given:
-        return given, ()
-    pyproject = os.path.join(cwd, "pyproject.toml")
-    if not os.path.exists(pyproject):
-        return None
-    try:
-        tool = _parse_toml(pyproject).get("tool", {})
-    except ConfigError:
-        # Not ours to complain about, unless it names our table: then its settings were
-        # meant for us, and starting without them would be wrong.
-        if _mentions_prefork(pyproject):
-            raise
-        return None
-    has_table = isinstance(tool, dict) and "prefork" in tool
-    return (pyproject, ("tool", "prefork")) if has_table else None
-
-
-def _mentions_prefork(path: str) -> bool:
-    try:
-        return b"prefork" in read_small_file(path)
-    except ConfigError:
-        return False
-
-
-def _parse_toml(path: str) -> dict[str, Any]:
-    """A TOML file's content; every way it can be unreadable is one ConfigError line.
-
-    Read with paths.read_small_file: the master may be root and the file in a directory
-    others can write to, so a FIFO or a huge file planted there is refused, not read.
-    """
-    try:
-        text = read_small_file(path, "config file").decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not valid UTF-8") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: not valid TOML (nested too deeply)") from None
-
-
-def to_toml(config: Config) -> str:
-    """The effective settings as a config file would write them (--print-config)."""
-    lines = []
-    for f in fields(config):
-        value = getattr(config, f.name)
-        if f.name in _NOT_IN_FILE or value is None:
-            continue
-        if isinstance(value, tuple):
-            text = "[" + ", ".join(_toml_str(v) for v in value) + "]"
-        elif isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, str):
-            text = _toml_str(value)
-        else:
-            text = repr(value)
-        lines.append(f"{file_key(f)} = {text}")
-    return "\n".join(lines) + "\n"
-
-
-def _toml_str(value: str) -> str:
-    return json.dumps(value)  # JSON's string escapes are TOML's basic-string escapes

@@ -59,6 +59,12 @@ BOOTING, READY, STOPPING = 0, 1, 2
 STATE_NAMES = {BOOTING: "booting", READY: "ready", STOPPING: "stopping"}
 
 
+def believable(value: float, earliest: float, now: float) -> bool:
+    """A monotonic time a worker wrote that could be true: finite, not before
+    ``earliest`` (the page's creation), not after now."""
+    return math.isfinite(value) and earliest - CLOCK_SLACK <= value <= now + CLOCK_SLACK
+
+
 def describe_client(client_address: object) -> str:
     """'127.0.0.1:5555', '[::1]:5555', or what a Unix socket gives (often empty)."""
     if isinstance(client_address, tuple) and len(client_address) >= 2:
@@ -125,7 +131,7 @@ class Heartbeat:
         return self._time(_BEAT.unpack_from(self._map, 0)[0])
 
     def current_request(self) -> tuple[float, str] | None:
-        """(seconds it has run, client, escaped) of the request in progress; None when
+        """(seconds it has run, its client escaped) for the request in progress; None when
         idle or when the start time is not believable (``last`` tells the two apart)."""
         started, _, length = _REQUEST.unpack_from(self._map, _REQUEST_OFFSET)
         if not started or self._time(started) is None:
@@ -135,12 +141,7 @@ class Heartbeat:
         return max(0.0, time.monotonic() - started), printable(client)
 
     def _time(self, value: float) -> float | None:
-        if (
-            math.isfinite(value)
-            and self._born - CLOCK_SLACK <= value <= time.monotonic() + CLOCK_SLACK
-        ):
-            return value
-        return None
+        return value if believable(value, self._born, time.monotonic()) else None
 
     def request_drain(self) -> None:
         """Master: the next TERM is the final stop, so serve what is queued first."""
@@ -184,10 +185,8 @@ class WorkerPage:
         (active,) = _ACTIVE.unpack_from(page, _ACTIVE_OFFSET)
         pid, slot, generation, board, spawned = _IDENTITY.unpack_from(page, _IDENTITY_OFFSET)
         # The worker may have written anything: keep what is believable, drop the rest.
-        beat_age = now - beat if math.isfinite(beat) and beat <= now + CLOCK_SLACK else None
-        request_age = now - started if math.isfinite(started) and started > 0 else None
-        if request_age is not None and request_age < -CLOCK_SLACK:
-            request_age = None
+        beat_age = now - beat if believable(beat, 0.0, now) else None
+        request_age = now - started if started and believable(started, 0.0, now) else None
         client = None
         if started:
             length = min(length, CLIENT_MAX)

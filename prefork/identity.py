@@ -29,6 +29,7 @@ class Identity:
     uid: int
     gid: int
     groups: tuple[int, ...]
+    group_only: bool = False  # --group without --user: the user stays the master's
 
     @classmethod
     @functools.cache
@@ -49,7 +50,7 @@ class Identity:
         groups = tuple(os.getgrouplist(name, gid)) if entry else (gid,)
         if user is None:  # only the group changes: keep no other supplementary groups
             groups = (gid,)
-        return cls(name, uid, gid, groups)
+        return cls(name, uid, gid, groups, group_only=user is None)
 
     def switch(self) -> None:
         """In a worker: become this user for good, or raise IdentityError."""
@@ -78,7 +79,7 @@ class Identity:
     @property
     def keeps_root(self) -> bool:
         """--group without --user under a root master: the workers stay uid 0."""
-        return self.uid == 0
+        return self.group_only and self.uid == 0
 
     def __str__(self) -> str:
         return f"user {self.user} (uid {self.uid}, gid {self.gid})"

@@ -146,14 +146,16 @@ def somaxconn() -> int | None:
         return None
 
 
-def listen_backlog(backlog: int) -> int:
+def listen_backlog(backlog: int, quiet: bool = False) -> int:
     """``backlog`` as listen() will get it: the kernel's cap would lower it silently, so
-    it is lowered here, once per bind, with a line saying so."""
+    it is lowered here, with a line saying so (once per bind; ``quiet`` for the
+    per-worker siblings of a bind that said it already)."""
     cap = somaxconn()
-    if cap is not None and backlog > cap:
+    if cap is None or backlog <= cap:
+        return backlog
+    if not quiet:
         log.info("backlog %d is above net.core.somaxconn; the kernel's %d applies", backlog, cap)
-        return cap
-    return backlog
+    return cap
 
 
 _TIMEVAL = struct.Struct("ll")
@@ -161,8 +163,12 @@ _CLIENT_TIMEOUTS = (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO)
 
 
 def timeval(seconds: float) -> bytes:
+    """``seconds`` as a struct timeval; a positive time never rounds down to 0 (off)."""
     whole = int(seconds)
-    return _TIMEVAL.pack(whole, int((seconds - whole) * 1_000_000))
+    micro = int((seconds - whole) * 1_000_000)
+    if seconds > 0 and not whole and not micro:
+        micro = 1
+    return _TIMEVAL.pack(whole, micro)
 
 
 def set_client_timeout(sock: socket.socket, seconds: float) -> None:
@@ -175,6 +181,17 @@ def set_client_timeout(sock: socket.socket, seconds: float) -> None:
     value = timeval(seconds)
     for option in _CLIENT_TIMEOUTS:
         sock.setsockopt(socket.SOL_SOCKET, option, value)
+
+
+def client_timeout_of(sock: socket.socket) -> float:
+    """The receive timeout the socket has (0: none)."""
+    whole, micro = _TIMEVAL.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+    return float(whole + micro / 1_000_000)
+
+
+def defer_accept_of(sock: socket.socket) -> int:
+    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    return sock.getsockopt(socket.IPPROTO_TCP, option) if option is not None else 0
 
 
 def set_defer_accept(sock: socket.socket, seconds: int) -> None:
@@ -206,7 +223,7 @@ def open_sibling(sock: socket.socket, backlog: int) -> socket.socket:
                 sibling.setsockopt(socket.SOL_SOCKET, option, setting)
         sibling.bind(sock.getsockname())
         if sock.type == socket.SOCK_STREAM:
-            sibling.listen(min(backlog, somaxconn() or backlog))  # said once, at bind
+            sibling.listen(listen_backlog(backlog, quiet=True))
         sibling.setblocking(False)
     except BaseException:
         sibling.close()

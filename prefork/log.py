@@ -22,7 +22,7 @@ import sys
 from typing import IO, Any
 
 from .errors import PreforkError
-from .escape import printable, printable_lines
+from .escape import printable, printable_lines, printable_traceback
 from .paths import Owner, open_for_append
 
 TEXT_FORMAT = "%(asctime)s [%(process)d] [%(slot)s] [%(levelname)s] %(message)s"
@@ -49,7 +49,7 @@ class TextFormatter(logging.Formatter):
         return super().formatMessage(record)
 
     def formatException(self, ei: Any) -> str:  # noqa: N802
-        return printable_lines(super().formatException(ei))
+        return printable_traceback(ei[1]) if ei[1] is not None else ""
 
     def formatStack(self, stack_info: str) -> str:  # noqa: N802
         return printable_lines(super().formatStack(stack_info))
@@ -139,13 +139,16 @@ def set_slot(slot: str) -> None:
     _slot.slot = slot
 
 
-def reopen() -> bool:
+def reopen(eagerly: bool = False) -> bool:
     """Reopen the log file (USR1). False when logging to a stream, where there is nothing
-    to reopen. The file opens again at its path on the next line written."""
+    to reopen. The file opens again at its path on the next line written, or at once
+    (``eagerly``: the master, which makes the file for the workers)."""
     reopened = False
     for handler in logging.getLogger(_LOGGER).handlers:
         if isinstance(handler, LogFile):
             handler.reopen()
+            if eagerly:
+                handler.ensure_open()
             reopened = True
     return reopened
 

@@ -23,15 +23,15 @@ import os
 import socket
 import sys
 import threading
-import traceback
 from typing import Any
 
 from . import listeners, paths
 from .arbiter import Arbiter
 from .config import LIBRARY_SETTINGS, Config
-from .escape import printable, printable_lines
+from .escape import printable, printable_traceback
 from .heartbeat import describe_client
 from .worker_process import WorkerInfo
+from .workers.connection import ClientTimeout
 
 __all__ = ["PreForkMixIn"]
 
@@ -88,7 +88,6 @@ class PreForkMixIn:
         self._prefork_reuse_port = False
         # A Unix socket file we made: (pid that bound it, path, (st_dev, st_ino)).
         self._prefork_unlink: tuple[int, str, tuple[int, int] | None] | None = None
-        self._prefork_client_timeout: float | None = None  # set in workers that apply it
         super().__init__(server_address, RequestHandlerClass, bind_and_activate)  # type: ignore[call-arg]
 
     @classmethod
@@ -96,9 +95,16 @@ class PreForkMixIn:
         cls,
         sock: socket.socket,
         RequestHandlerClass: Any,  # noqa: N803
+        *,
+        binders_options: bool = True,
         **settings: Any,
     ) -> Any:
-        """A server on an already-bound socket (``fd://N``, systemd, a test's own socket)."""
+        """A server on an already-bound socket (``fd://N``, systemd, a test's own socket).
+
+        ``binders_options``: a TCP_DEFER_ACCEPT or client timeout the socket already has
+        (systemd's ``DeferAcceptSec=``) is its binder's choice and is kept; False applies
+        the settings over it (``prefork run`` after an upgrade, where prefork bound it).
+        """
         server: Any = cls(
             sock.getsockname(), RequestHandlerClass, bind_and_activate=False, **settings
         )
@@ -107,7 +113,7 @@ class PreForkMixIn:
         server.server_address = sock.getsockname()
         if sock.type == socket.SOCK_STREAM:
             sock.listen(server.request_queue_size)
-        server._prefork_tune_listener()
+        server._prefork_tune_listener(keep_binders_options=binders_options)
         if server.prefork_config.reuse_port and listeners.reuse_port_supported(sock):
             # Bound elsewhere (fd://, systemd, the image before a USR2): per-worker
             # siblings are possible only if that binder set SO_REUSEPORT.
@@ -116,6 +122,7 @@ class PreForkMixIn:
         return server
 
     # -- binding, in the master ------------------------------------------------------------
+    server_address: Any  # socketserver's, set by BaseServer.__init__ and server_bind
     # Who Unix socket files belong to and their mode; ``prefork run`` sets them from
     # --user/--group and --socket-mode (None: the master's user, and the umask).
     _prefork_unix_owner: paths.Owner | None = None
@@ -123,17 +130,18 @@ class PreForkMixIn:
 
     def server_bind(self) -> None:
         """Bind, in the master. A Unix socket file is made by ``paths.bind_unix``: with its
-        owner and mode from the start and never through a symlink (the master may be
-        root in a directory the workers' user can write to); stale files are replaced,
-        live ones refused. Other sockets bind as socketserver binds them."""
+        owner and mode from the start, nothing changed by path afterwards (the master may
+        be root in a directory the workers' user can write to); stale files are
+        replaced, live ones refused. Other sockets bind as socketserver binds them."""
         sock: socket.socket = self.socket  # type: ignore[attr-defined]
-        address: Any = self.server_address  # type: ignore[attr-defined]
+        address: Any = self.server_address
         if sock.family == socket.AF_UNIX and isinstance(address, str) and address[:1] != "\0":
             identity = paths.bind_unix(
                 sock, address, self._prefork_unix_owner, self._prefork_unix_mode
             )
             self._prefork_unlink = (os.getpid(), address, identity)
-            return  # server_address stays the path; getsockname() names the private dir
+            self.server_address = sock.getsockname()  # as TCPServer.server_bind does
+            return
         if sock.type == socket.SOCK_STREAM and sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # no TIME_WAIT wait
         if self.prefork_config.reuse_port and listeners.reuse_port_supported(sock):
@@ -145,17 +153,19 @@ class PreForkMixIn:
         super().server_activate()  # type: ignore[misc]
         self._prefork_tune_listener()
 
-    def _prefork_tune_listener(self) -> None:
+    def _prefork_tune_listener(self, keep_binders_options: bool = False) -> None:
         """Options set on the listening socket, whether we bound it or adopted it."""
         sock: socket.socket = self.socket  # type: ignore[attr-defined]
         if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Accepted sockets inherit TCP_NODELAY on Linux: no per-connection syscall.
             nodelay = int(self.prefork_config.tcp_nodelay)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, nodelay)
-            listeners.set_defer_accept(sock, self.prefork_config.defer_accept)
+            if not (keep_binders_options and listeners.defer_accept_of(sock)):
+                listeners.set_defer_accept(sock, self.prefork_config.defer_accept)
             # Inherited by accepted connections, as TCP_NODELAY is (Unix ones get it in
             # the worker, as they are accepted: the kernel does not copy it for them).
-            listeners.set_client_timeout(sock, self.prefork_config.client_timeout)
+            if not (keep_binders_options and listeners.client_timeout_of(sock)):
+                listeners.set_client_timeout(sock, self.prefork_config.client_timeout)
 
     # -- the master's life ------------------------------------------------------------------
     def serve_forever(self, poll_interval: float = 0.5) -> None:
@@ -203,16 +213,9 @@ class PreForkMixIn:
         """socketserver's report (on stderr), with the client's text escaped; a client
         that timed out under ``client_timeout`` is only logged at debug level."""
         exc = sys.exc_info()[1]
-        client = printable(describe_client(client_address))
-        # A read or write that outwaited SO_RCVTIMEO/SO_SNDTIMEO fails with EAGAIN on
-        # the (blocking) connection; a socket-level timeout would raise TimeoutError.
-        timed_out = isinstance(exc, (TimeoutError, BlockingIOError))
-        if timed_out and self._prefork_client_timeout:
-            log.debug(
-                "%s was silent for %gs (--client-timeout); closed",
-                client,
-                self._prefork_client_timeout,
-            )
+        if isinstance(exc, ClientTimeout):  # raised by connection.TimedConnection only
+            client = printable(describe_client(client_address))
+            log.debug("%s: %s (--client-timeout); closed", client, exc)
             return
         print("-" * 40, file=sys.stderr)
         print(
@@ -220,7 +223,7 @@ class PreForkMixIn:
             printable(str(client_address)),
             file=sys.stderr,
         )
-        print(printable_lines(traceback.format_exc().rstrip("\n")), file=sys.stderr)
+        print(printable_traceback(exc) if exc else "NoneType: None", file=sys.stderr)
         print("-" * 40, file=sys.stderr)
 
     # -- hooks: may be overridden; the defaults do nothing ----------------------------------

@@ -13,8 +13,8 @@ a time with ``O_NOFOLLOW``, holding a descriptor of each directory reached:
 - The last component is never followed when the master writes to it (log files, the
   pid file, socket files): a symlink there is refused.
 - Ownership and modes change only through a descriptor this module opened (``fchown``,
-  ``fchmod``), or inside a private directory nobody else can enter (socket files, which
-  have no descriptor of their own), so a swap after the open changes nothing.
+  ``fchmod``), or not at all: a socket file, which has no descriptor of its own, is
+  created with its owner and mode, so a swap after the bind changes nothing.
 - Files are opened with ``O_NONBLOCK`` and checked for their type, so a FIFO planted
   where a log file or a config file should be cannot hang the master.
 """
@@ -22,7 +22,10 @@ a time with ``O_NOFOLLOW``, holding a descriptor of each directory reached:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
+import functools
 import os
 import secrets
 import socket
@@ -56,6 +59,13 @@ class Owner:
 
 def _trusted_uids() -> frozenset[int]:
     return frozenset({0, os.geteuid()})
+
+
+def _only_ours(directory: int) -> bool:
+    """Nobody but root (or the master's user) may change what is in ``directory``."""
+    info = os.fstat(directory)
+    others_write = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    return info.st_uid in _trusted_uids() and not others_write
 
 
 def _may_follow(link: os.stat_result, directory: os.stat_result) -> bool:
@@ -140,40 +150,72 @@ def _trusted_link(directory: int, name: str, shown: str) -> str:
 def open_for_append(path: str, owner: Owner | None = None, what: str = "file") -> int:
     """A descriptor appending to ``path`` (created 0644 under the umask if missing).
 
-    A symlink at ``path`` is refused, never followed. With ``owner`` (root handing the
-    file to the workers' user) a regular file is given to them through the descriptor.
+    A symlink at ``path`` is refused, never followed; so is anything but a regular file
+    or a character device (/dev/null): a FIFO could block every line the master logs.
+    With ``owner`` (root making the file for the workers' user) a file this call created
+    is given to them through its descriptor; one that was there already must be theirs
+    already: giving away an existing file is how /etc/shadow was handed over, and even
+    with the checks here (one hard link, not a symlink) a hard link made and removed
+    around the open could not be told apart.
     """
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     action = f"cannot open {what} {path}"
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     with parent_of(path, action) as (directory, name):
+        created = True
         try:
-            fd = os.open(name, flags, 0o644, dir_fd=directory)
+            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=directory)
+        except FileExistsError:
+            created = False
+            try:
+                fd = os.open(name, flags, dir_fd=directory)
+            except OSError as exc:
+                raise PathError(f"{action}: {_reason(exc)}") from None
         except OSError as exc:
             raise PathError(f"{action}: {_reason(exc)}") from None
     try:
         info = os.fstat(fd)
-        if stat.S_ISREG(info.st_mode):
-            os.set_blocking(fd, True)
-            if owner is not None:
-                give(fd, info, owner, f"{what} {path}")
-        elif stat.S_ISFIFO(info.st_mode) or stat.S_ISCHR(info.st_mode):
-            os.set_blocking(fd, True)  # /dev/null, a pipe someone reads: used as it is
-        else:
+        if not (stat.S_ISREG(info.st_mode) or stat.S_ISCHR(info.st_mode)):
             raise PathError(f"{action}: not a regular file")
+        os.set_blocking(fd, True)
+        if owner is not None and stat.S_ISREG(info.st_mode):
+            give(fd, info, owner, created, f"{what} {path}")
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def give(fd: int, info: os.stat_result, owner: Owner, shown: str) -> None:
-    """fchown a regular file we opened to ``owner``; refuse one with other hard links."""
-    if (info.st_uid, info.st_gid) == (owner.uid, owner.gid):
+def check_appendable(path: str, owner: Owner | None = None, what: str = "file") -> None:
+    """What ``open_for_append`` would refuse, without creating anything (--check-config)."""
+    action = f"cannot open {what} {path}"
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    with parent_of(path, action) as (directory, name):
+        try:
+            fd = os.open(name, flags, dir_fd=directory)
+        except FileNotFoundError:
+            return  # it would be made, as the owner's
+        except OSError as exc:
+            raise PathError(f"{action}: {_reason(exc)}") from None
+    try:
+        info = os.fstat(fd)
+        if not (stat.S_ISREG(info.st_mode) or stat.S_ISCHR(info.st_mode)):
+            raise PathError(f"{action}: not a regular file")
+        if owner is not None and stat.S_ISREG(info.st_mode) and info.st_uid != owner.uid:
+            give(fd, info, owner, False, f"{what} {path}")  # raises: not theirs
+    finally:
+        os.close(fd)
+
+
+def give(fd: int, info: os.stat_result, owner: Owner, created: bool, shown: str) -> None:
+    """fchown the regular file we just created to ``owner``; one that existed must be
+    theirs already (see ``open_for_append``)."""
+    if info.st_uid == owner.uid:
         return
-    if info.st_nlink > 1:
+    if not created:
         raise PathError(
-            f"refusing to give {shown} to uid {owner.uid}: it has {info.st_nlink} hard "
-            "links, and one of them may be a file nobody should own"
+            f"{shown} exists and belongs to uid {info.st_uid}, not to uid {owner.uid} who "
+            "must write to it; prefork gives away only files it creates: remove it, or "
+            "give it to them"
         )
     try:
         os.fchown(fd, owner.uid, owner.gid)
@@ -271,89 +313,128 @@ def bind_unix(
 ) -> tuple[int, int]:
     """Bind ``sock`` to the Unix socket file ``path``, owned and moded from the start.
 
-    The socket is bound inside a private directory (mode 0700, ours) made next to
-    ``path``, given its owner and mode there, where nobody else can swap it for a
-    symlink, and then linked into place: ``link`` never replaces what is there, so a
-    live socket or any other file at ``path`` fails as bind() would ("address already
-    in use"), and a stale socket (nobody listening) is removed first. Returns the
-    file's (st_dev, st_ino), which ``unlink_if`` checks before removing it.
+    Nothing is changed after the file appears (a chown or chmod by path could be
+    redirected by a symlink swapped in meanwhile): the file is created with its mode
+    (through the umask) and its owner, as the kernel gives a new file the filesystem
+    user and group of its creator (``setfsuid``/``setfsgid`` for the bind). It belongs
+    to ``owner`` when that user may create files in the directory; otherwise (a
+    directory only root may write to) to root and ``owner``'s group. The directories on
+    the way are checked as ``parent_of`` checks them; a stale socket (nobody listening)
+    is removed first, and anything else at ``path`` fails as bind() fails ("address
+    already in use"). The socket keeps its real name (getsockname, ``ss -xl``). Returns
+    the file's (st_dev, st_ino), which ``unlink_if`` checks before removing it.
     """
     try:
         with parent_of(path, f"cannot bind unix:{path}") as (directory, name):
-            return _bind_in_private_dir(sock, directory, name, owner, mode)
+            _remove_stale_socket(directory, name, sock.type)
+            umask = os.umask(0o777 & ~mode) if mode is not None else None
+            try:
+                _bind_as(sock, path, owner)
+            finally:
+                if umask is not None:
+                    os.umask(umask)
+            info = os.stat(name, dir_fd=directory, follow_symlinks=False)
+            if owner is not None and info.st_uid != owner.uid and _only_ours(directory):
+                # Made by root in a directory nobody else may write to: nobody can have
+                # swapped it, so it is given to the workers' user where it lies.
+                os.chown(name, owner.uid, owner.gid, dir_fd=directory, follow_symlinks=False)
     except PathError as exc:
         if exc.errno is None:
             raise  # a refusal: said as it is
         raise OSError(exc.errno, os.strerror(exc.errno)) from None  # said as bind() says it
-
-
-def _bind_in_private_dir(
-    sock: socket.socket, directory: int, name: str, owner: Owner | None, mode: int | None
-) -> tuple[int, int]:
-    _remove_stale_socket(directory, name, sock.type)
-    private = f".prefork-{secrets.token_hex(8)}"
-    os.mkdir(private, 0o700, dir_fd=directory)
-    try:
-        inside = os.open(private, _DIR_FLAGS, dir_fd=directory)
-        try:
-            # Whoever may write to ``directory`` may have swapped our new directory for
-            # one of theirs before it was opened: only ours, 0700, is a private place.
-            info = os.fstat(inside)
-            if info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) != 0o700:
-                raise PathError(f"{private}: replaced by someone else while binding")
-            # bind() takes no directory descriptor; the kernel's /proc link to one is
-            # as good, and keeps the path short whatever the directory's length.
-            sock.bind(f"/proc/self/fd/{inside}/s")
-            if mode is not None:
-                os.chmod("s", mode, dir_fd=inside)
-            if owner is not None:
-                os.chown("s", owner.uid, owner.gid, dir_fd=inside, follow_symlinks=False)
-            info = os.stat("s", dir_fd=inside, follow_symlinks=False)
-            try:
-                os.link("s", name, src_dir_fd=inside, dst_dir_fd=directory)
-            except FileExistsError:
-                raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)) from None
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink("s", dir_fd=inside)
-            os.close(inside)
-    finally:
-        os.rmdir(private, dir_fd=directory)
     return info.st_dev, info.st_ino
 
 
+def _bind_as(sock: socket.socket, path: str, owner: Owner | None) -> None:
+    if owner is None:
+        sock.bind(path)
+        return
+    try:
+        with _filesystem_identity(owner.uid, owner.gid):
+            sock.bind(path)  # the workers' user makes it: a file of theirs, in their place
+            return
+    except PermissionError:
+        pass  # a directory they may not write to: root makes it, with their group
+    with _filesystem_identity(os.geteuid(), owner.gid):
+        sock.bind(path)
+
+
+@contextlib.contextmanager
+def _filesystem_identity(uid: int, gid: int) -> Iterator[None]:
+    """setfsuid/setfsgid for this thread: files it creates belong to (uid, gid), and the
+    kernel checks its access to them as that user's."""
+    libc = _libc()
+    previous_gid = libc.setfsgid(gid)
+    previous_uid = libc.setfsuid(uid)
+    try:
+        if (libc.setfsuid(-1), libc.setfsgid(-1)) != (uid, gid):  # -1 asks, changes nothing
+            raise PathError(f"cannot create files as uid {uid}, gid {gid}")
+        yield
+    finally:
+        libc.setfsuid(previous_uid)
+        libc.setfsgid(previous_gid)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
 def _remove_stale_socket(directory: int, name: str, sock_type: int) -> None:
-    """Delete ``name`` if it is a Unix socket nobody listens on; leave anything else."""
+    """Delete ``name`` if it is a Unix socket nobody listens on; leave anything else.
+
+    The probe connects through a descriptor of the very file looked at (O_PATH, not
+    following a symlink), so a symlink swapped in meanwhile cannot make root connect
+    elsewhere; the file is removed only if it is still that one."""
     try:
-        info = os.stat(name, dir_fd=directory, follow_symlinks=False)
+        node = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
     except OSError:
         return
-    if not stat.S_ISSOCK(info.st_mode):
-        return
-    with socket.socket(socket.AF_UNIX, sock_type) as probe:
-        try:
-            probe.connect(f"/proc/self/fd/{directory}/{name}")
-        except ConnectionRefusedError:
-            with contextlib.suppress(OSError):
-                os.unlink(name, dir_fd=directory)
-        except OSError:
-            pass
-
-
-def writable_by(path: str, uid: int, gids: tuple[int, ...]) -> bool:
-    """Could user ``uid`` (with groups ``gids``) change ``path`` or replace it?"""
     try:
-        targets = [os.stat(path), os.stat(os.path.dirname(os.path.abspath(path)))]
-    except OSError:
-        return False
-    for index, info in enumerate(targets):
-        mode = info.st_mode
-        sticky_dir = index == 1 and mode & stat.S_ISVTX
-        if info.st_uid == uid or mode & stat.S_IWOTH and not sticky_dir:
-            return True
-        if mode & stat.S_IWGRP and info.st_gid in gids and not sticky_dir:
-            return True
-    return False
+        info = os.fstat(node)
+        if not stat.S_ISSOCK(info.st_mode):
+            return
+        with socket.socket(socket.AF_UNIX, sock_type) as probe:
+            try:
+                probe.connect(f"/proc/self/fd/{node}")
+            except ConnectionRefusedError:
+                with contextlib.suppress(OSError):
+                    now = os.stat(name, dir_fd=directory, follow_symlinks=False)
+                    if (now.st_dev, now.st_ino) == (info.st_dev, info.st_ino):
+                        os.unlink(name, dir_fd=directory)
+            except OSError:
+                pass
+    finally:
+        os.close(node)
+
+
+def changeable_by_others(path: str) -> str | None:
+    """Why someone other than root (or the master's user) could change ``path``, or None.
+
+    Whoever may write to the file, or to any directory on its way (they could rename
+    what follows and put their own in its place), could change it. A sticky directory
+    (/tmp) protects what its owner put there. Used for what a root master reads its
+    settings or code from (sshd's StrictModes, for the same reason).
+    """
+    trusted = _trusted_uids()
+    absolute = os.path.realpath(path)
+    chain = [absolute]
+    while chain[-1] != "/":
+        chain.append(os.path.dirname(chain[-1]))
+    try:
+        infos = [os.stat(p) for p in chain]
+    except OSError as exc:
+        return f"{path}: {_reason(exc)}"
+    for index, (where, info) in enumerate(zip(chain, infos, strict=True)):
+        if info.st_uid not in trusted:
+            return f"{where} belongs to uid {info.st_uid}"
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            below = infos[index - 1] if index else None
+            sticky = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+            if not (sticky and below is not None and below.st_uid in trusted):
+                who = "others" if info.st_mode & stat.S_IWOTH else f"group {info.st_gid}"
+                return f"{where} is writable by {who}"
+    return None
 
 
 def _reason(exc: OSError) -> str:

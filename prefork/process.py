@@ -72,10 +72,13 @@ class Pidfile:
         (no file, garbage, a dead PID, or a PID reused by something else: stale)."""
         try:
             pid = self.read()
-            title = psutil.Process(pid).cmdline()
-        except (ConfigError, psutil.Error):
+            process = psutil.Process(pid)
+            title, owner = process.cmdline(), process.uids().real
+        except (ConfigError, psutil.Error, ValueError):
             return None
-        return pid if title and title[0].startswith("prefork: master") else None
+        # Of our own user too: anyone can call a process "prefork: master" (exec -a).
+        is_master = bool(title) and title[0].startswith("prefork: master")
+        return pid if is_master and owner == os.getuid() else None
 
     def remove(self) -> None:
         if self._written:

@@ -20,13 +20,11 @@ import time
 from dataclasses import fields, replace
 from typing import Any, Protocol
 
-from .access import prepare_access_log
 from .config import Config
 from .errors import PreforkError
 from .heartbeat import STOPPING, Heartbeat
-from .identity import Identity, file_owner
+from .identity import Identity
 from .listeners import SlotSockets, describe_address
-from .paths import open_for_append
 from .systemd import Notifier
 from .upgrade import AdoptedWorker, Handover, Upgrader
 from .worker_process import WorkerProcess
@@ -38,6 +36,7 @@ log = logging.getLogger("prefork.arbiter")
 FIXED_UNTIL_RESTART = (
     "worker_class",
     "preload",
+    "server_class",
     "chdir",
     "pid",
     "reuse_port",
@@ -74,7 +73,6 @@ class Reloads:
     _newest: int  # every reload attempt gets a number of its own
     _settings: Reconfigurer | None
     _upgrader: Upgrader | None
-    _app_dir: str
     _before_reload: tuple[Config, list[Any], int] | None  # what an abandoned reload restores
     _slots: SlotSockets
     _stopping: int
@@ -127,7 +125,7 @@ class Reloads:
         if self._stopping or self.reloading is not None:
             log.warning("a reload or stop is already under way; USR2 ignored")
             return
-        problem = self._check_settings() or self._upgrader.check(self._app_dir)
+        problem = self._upgrader.check()
         if problem:
             log.error(
                 "upgrade abandoned, still serving generation %d: %s", self.generation, problem
@@ -146,6 +144,8 @@ class Reloads:
                     w.generation,
                     w.status_fd,
                     w.heartbeat.fileno() if w.heartbeat else -1,
+                    w.max_requests,
+                    w.watches_code,
                 )
                 for w in self.workers.values()
                 if not w.stop_sent
@@ -164,22 +164,6 @@ class Reloads:
         except OSError as exc:
             log.error("upgrade abandoned, cannot re-execute: %s", exc)
             self.notify.ready(f"serving with {self.target_workers} workers (upgrade failed)")
-
-    def _check_settings(self) -> str | None:
-        """What the new image would reject in the settings (config file, --user...), so
-        that a typo refuses the upgrade here instead of ending the re-executed master."""
-        if self._settings is None:
-            return None
-        try:
-            new = self._settings.read()
-            owner = file_owner(Identity.resolve(new.user, new.group))
-            if new.log_file:  # opened as the new image will open it (paths.py)
-                os.close(open_for_append(new.log_file, owner, "log file"))
-            if new.access_log:
-                prepare_access_log(new.access_log, owner)
-        except (PreforkError, OSError) as exc:
-            return str(exc)
-        return None
 
     def _reconfigure(self, settings: Reconfigurer) -> None:
         """Apply re-read settings for the coming generation; open binds that were added.
@@ -266,6 +250,7 @@ class Reloads:
             worker = WorkerProcess(
                 old.nr, old.pid, old.generation, old.status_fd, heartbeat, now, ready=True
             )
+            worker.max_requests, worker.watches_code = old.max_requests, old.watches_code
             self.workers[old.pid] = worker
             self._selector.register(old.status_fd, selectors.EVENT_READ, worker)
         self._ever_ready = self._announced_ready = True

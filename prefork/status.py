@@ -54,6 +54,7 @@ class StatusReader:
     def _board_status(self, board: Board) -> dict[str, Any]:
         master = dict(board.master)
         del master["board"]  # only pairs pages with their master
+        master.pop("pages", None)  # shown as the workers' rows
         master.update(self._facts(master["pid"], uptime=True))
         workers = [self._worker_status(page) for page in board.workers]
         exited = master.pop("served_by_exited", 0)

@@ -24,7 +24,8 @@ import os
 import stat
 import struct
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .heartbeat import MEMFD_NAME as WORKER_MEMFD_NAME
@@ -95,7 +96,12 @@ class Board:
 
 def read_boards(pid: int) -> list[Board]:
     """Every prefork master running in process ``pid`` (one, unless a program runs several
-    servers), with its workers. StatusError when there is none or it cannot be read."""
+    servers), with its workers. StatusError when there is none or it cannot be read.
+
+    Which pages are workers', and whose, comes from the master's page (its own records):
+    a worker may write anything into its page, its PID and slot included. (A master
+    before this version lists none; its pages are then matched by their board id.)
+    """
     fd_dir = f"/proc/{pid}/fd"
     try:
         names = os.listdir(fd_dir)
@@ -104,44 +110,75 @@ def read_boards(pid: int) -> list[Board]:
     except PermissionError:
         raise _permission_denied(pid) from None
     masters: list[dict[str, Any]] = []
-    workers: list[WorkerPage] = []
+    unlisted: list[WorkerPage] = []
     now = time.monotonic()
     for name in names:
-        try:
-            target = os.readlink(f"{fd_dir}/{name}")
-        except OSError:
-            continue  # closed meanwhile
-        is_master = target.startswith(f"/memfd:{MASTER_MEMFD_NAME} ")
-        if not is_master and not target.startswith(f"/memfd:{WORKER_MEMFD_NAME} "):
-            continue
-        try:
-            fd = os.open(f"{fd_dir}/{name}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue  # a worker's page closed as it exited
-        except PermissionError:
-            raise _permission_denied(pid) from None
-        except OSError:
-            continue  # not something we can read as a page
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise StatusError(f"PID {pid}: {target!r} is not a status page")
-            if is_master:
-                masters.append(_check_master(_read_master_page(fd), pid))
-            else:
-                page = WorkerPage.parse(os.pread(fd, PAGE_SIZE, 0), now)
-                if page.pid:  # zero until the master has forked it
-                    workers.append(page)
-        finally:
-            os.close(fd)
+        kind = _page_kind(fd_dir, name)
+        if kind == "master":
+            masters.append(_check_master(_read_page(fd_dir, name, pid, _read_master_page), pid))
+        elif kind == "worker":
+            page = _read_worker_page(fd_dir, name, pid, now)
+            if page is not None and _is_pid(page.pid):  # zero until the master forks it
+                unlisted.append(page)
     if not masters:
         raise StatusError(f"PID {pid} is not a prefork master{_master_hint(pid)}")
     boards = [Board(m) for m in sorted(masters, key=lambda m: m.get("board", 0))]
-    by_id = {b.master.get("board"): b for b in boards}
-    unique = {(p.board, p.pid): p for p in workers}  # see heartbeat._UNTRACKED
-    for page in sorted(unique.values(), key=lambda p: (p.slot, p.generation, p.pid)):
-        if page.board in by_id:
-            by_id[page.board].workers.append(page)
+    for board in boards:
+        listed = board.master.get("pages")
+        if listed is None:  # an older master
+            unique = {p.pid: p for p in unlisted if p.board == board.master.get("board")}
+            board.workers = list(unique.values())  # see heartbeat._UNTRACKED
+        else:
+            for worker_pid, slot, generation, fd in listed:
+                page = _read_worker_page(fd_dir, str(fd), pid, now)
+                if page is not None:
+                    board.workers.append(
+                        replace(page, pid=worker_pid, slot=slot, generation=generation)
+                    )
+        board.workers.sort(key=lambda p: (p.slot, p.generation, p.pid))
     return boards
+
+
+def _page_kind(fd_dir: str, name: str) -> str | None:
+    try:
+        target = os.readlink(f"{fd_dir}/{name}")
+    except OSError:
+        return None  # closed meanwhile
+    if target.startswith(f"/memfd:{MASTER_MEMFD_NAME} "):
+        return "master"
+    if target.startswith(f"/memfd:{WORKER_MEMFD_NAME} "):
+        return "worker"
+    return None
+
+
+def _read_worker_page(fd_dir: str, name: str, pid: int, now: float) -> WorkerPage | None:
+    if _page_kind(fd_dir, name) != "worker":
+        return None  # the worker exited and the number was reused, say
+
+    def parse(fd: int) -> WorkerPage:
+        return WorkerPage.parse(os.pread(fd, PAGE_SIZE, 0), now)
+
+    page: WorkerPage | None = _read_page(fd_dir, name, pid, parse)
+    return page
+
+
+def _read_page(fd_dir: str, name: str, pid: int, read: Callable[[int], Any]) -> Any:
+    """``read`` applied to a descriptor of ``/proc/PID/fd/NAME``, if it is a regular file
+    (a FIFO named like a page would block); None if it went away meanwhile."""
+    try:
+        fd = os.open(f"{fd_dir}/{name}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None  # a worker's page closed as it exited
+    except PermissionError:
+        raise _permission_denied(pid) from None
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StatusError(f"PID {pid}: descriptor {name} is not a status page")
+        return read(fd)
+    finally:
+        os.close(fd)
 
 
 def _permission_denied(pid: int) -> StatusError:
@@ -189,7 +226,25 @@ def _check_master(facts: Any, pid: int) -> dict[str, Any]:
             raise bad(f"{key!r} is {type(value).__name__}")
     if not all(isinstance(bind, str) for bind in facts["binds"]):
         raise bad("'binds' holds something other than text")
+    if not _is_pid(facts["pid"]):
+        raise bad("a PID that cannot be")
+    pages = facts.get("pages", [])  # absent from a master before this version
+    if not isinstance(pages, list) or not all(_is_worker_entry(w) for w in pages):
+        raise bad("'pages' is not a list of [pid, slot, generation, descriptor]")
     return facts
+
+
+def _is_worker_entry(entry: object) -> bool:
+    if not isinstance(entry, list) or len(entry) != 4:
+        return False
+    if any(isinstance(n, bool) or not isinstance(n, int) for n in entry):
+        return False
+    pid, slot, generation, fd = entry
+    return _is_pid(pid) and slot > 0 and generation > 0 and 0 <= fd < 2**31
+
+
+def _is_pid(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**22
 
 
 def _master_hint(pid: int) -> str:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import logging
 import os
 import socketserver
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,15 @@ class Target:
     def __str__(self) -> str:
         return f"{self.module}:{self.object}"
 
+    def loader(self, app_dir: str) -> Callable[[], type[socketserver.BaseRequestHandler]]:
+        """What a worker calls after its fork: the app's directory on its path, then load."""
+
+        def load_in_worker() -> type[socketserver.BaseRequestHandler]:
+            add_cwd_to_path(app_dir)
+            return self.load()
+
+        return load_in_worker
+
     def load(self) -> type[socketserver.BaseRequestHandler]:
         """Import the module and return the handler class; AppImportError says what failed."""
         obj = self.resolve()
@@ -75,12 +85,13 @@ class Target:
             raise AppImportError(f"module {self.module!r} has no object {self.object!r}") from None
         return obj
 
-    def check(self, identity: Identity | None = None) -> list[str]:
+    def check(self, identity: Identity | None = None, app_dir: str | None = None) -> list[str]:
         """Import the target in a throwaway child; raise AppImportError if that fails.
 
         A child, so a broken or half-imported app never lands in the master's memory;
-        as the workers' ``identity``, so an app they cannot read fails here. Returns the
-        standard-library modules the import pulled in (see ``import_stdlib``).
+        as the workers' ``identity``, so an app they cannot read fails here, and from
+        ``app_dir`` (on the child's path only). Returns the standard-library modules the
+        import pulled in (see ``import_stdlib``).
         """
         read_fd, write_fd = os.pipe()
         pid = os.fork()
@@ -92,6 +103,7 @@ class Target:
                 try:
                     if identity is not None:
                         identity.switch()
+                    add_cwd_to_path(app_dir)
                     before = set(sys.modules)
                     self.load()
                     stdlib = stdlib_modules(set(sys.modules) - before)
@@ -179,8 +191,27 @@ def _last_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def add_cwd_to_path() -> None:
-    """Make MODULE importable from the current directory, as ``python -m`` does."""
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+def add_cwd_to_path(directory: str | None = None) -> None:
+    """Make MODULE importable from ``directory`` (the current one), as ``python -m`` does.
+
+    ``prefork run`` does this in the workers and the import check, after the fork, and in
+    the master only with --preload or --server-class, which import code there: the
+    master, perhaps root, otherwise keeps the app's directory off its own path.
+    """
+    directory = directory or os.getcwd()
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+
+
+def module_source(name: str) -> str | None:
+    """Where the top-level module of dotted ``name`` would be imported from (its file, or
+    its package's directory), found without running any of it."""
+    try:
+        spec = importlib.util.find_spec(name.partition(".")[0])
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        return next(iter(spec.submodule_search_locations), None)
+    return spec.origin if spec.has_location else None

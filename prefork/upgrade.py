@@ -18,33 +18,20 @@ import subprocess
 import sys
 from collections.abc import Callable, MutableMapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from . import signals
-from .identity import Identity
 from .systemd import LISTEN_FDS_START
 
 log = logging.getLogger("prefork.upgrade")
 
 HANDOVER_ENV = "PREFORK_HANDOVER"
+CHECK_TIMEOUT_MAX = 86400.0  # seconds the pre-upgrade check may take, whatever the settings
 
 # How the new image starts: as ``python -m prefork`` would, but without the directory
 # it starts in at the head of sys.path (``-m`` and ``-c`` put it there). That directory
 # is the app's, which the workers' user may be able to write to, and the master that
 # imports prefork, click and the rest here may be root.
 _REEXEC = "import sys; del sys.path[0]; from prefork.cli import main; main()"
-
-# Run in a fresh interpreter: imports prefork itself and the target, as the new master will.
-_CHECK = """
-import sys
-import prefork.cli
-from prefork.errors import AppImportError
-from prefork.target import Target
-try:
-    Target.parse(sys.argv[1]).load()
-except AppImportError as exc:
-    sys.exit(str(exc))
-"""
 
 
 @dataclass
@@ -54,6 +41,8 @@ class AdoptedWorker:
     generation: int
     status_fd: int
     heartbeat_fd: int = -1  # its status page (-1: an image that did not hand one over)
+    max_requests: int = 0  # its --max-requests with jitter, so its RETIRE is honoured
+    watches_code: bool = False  # the --reload watcher, so its RELOAD is honoured
 
 
 @dataclass
@@ -89,49 +78,39 @@ def take_handover(environ: MutableMapping[str, str] | None = None) -> Handover |
 
 
 class Upgrader:
-    """Checks new code in a fresh interpreter, then replaces this process's image."""
+    """Checks the new image's start, then replaces this process's image."""
 
-    def __init__(
-        self,
-        target: str,
-        argv: list[str],
-        cwd: str,
-        timeout: float,
-        identity: Identity | None = None,
-    ) -> None:
-        self.target = target
-        self.identity = identity  # the check imports the app as the workers would
+    def __init__(self, argv: list[str], cwd: str, timeout: float) -> None:
         self.argv = argv  # the arguments after "prefork", as first given
         self.cwd = cwd  # where they were given (before --chdir)
-        self.timeout = timeout or None
+        # subprocess cannot wait longer than select() can (about 24 days); a check that
+        # takes a day is a hung one.
+        self.timeout = min(timeout, CHECK_TIMEOUT_MAX) if timeout else CHECK_TIMEOUT_MAX
 
-    def check(self, app_dir: str) -> str | None:
-        """Import prefork and the target in a fresh interpreter; the problem, or None."""
-        as_workers: dict[str, Any] = {}
-        if self.identity is not None and self.identity.uid != os.geteuid():
-            as_workers = {
-                "user": self.identity.uid,
-                "group": self.identity.gid,
-                "extra_groups": list(self.identity.groups),
-            }
+    def check(self) -> str | None:
+        """Run the new image's start up to its binds, ``prefork run ... --check-config``,
+        in a fresh interpreter, as the new image would run it (same arguments, directory,
+        environment and prefork): the config file, --user, --chdir, --server-class, the
+        log paths, the app's import as the workers' user. The problem, or None."""
         try:
             result = subprocess.run(
-                [sys.executable, "-c", _CHECK, self.target],
-                **as_workers,
-                cwd=app_dir,
+                [sys.executable, "-c", _REEXEC, *self.argv, "--check-config"],
+                cwd=self.cwd,
                 capture_output=True,
                 text=True,
+                errors="replace",
                 timeout=self.timeout,
                 stdin=subprocess.DEVNULL,
             )
         except subprocess.TimeoutExpired:
-            return f"importing {self.target} took more than {self.timeout}s"
+            return f"checking the new start took more than {self.timeout:g}s"
         except OSError as exc:
             return f"cannot run {sys.executable}: {exc.strerror}"
         if result.returncode == 0:
             return None
         lines = result.stderr.strip().splitlines()
-        return lines[-1] if lines else f"the check exited with status {result.returncode}"
+        last = lines[-1].removeprefix("Error: ") if lines else ""
+        return last or f"the check exited with status {result.returncode}"
 
     def execute(self, handover: Handover, socket_fds: list[int], extra_fds: list[int]) -> None:
         """Replace this image. Returns only if execve failed, with everything as it was."""

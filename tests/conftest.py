@@ -195,6 +195,23 @@ def _debian_venv(home: Path) -> Interpreter:
     system = shutil.which("python3", path="/usr/bin:/bin")
     if system is None:
         pytest.fail("nobody cannot run this interpreter, and there is no /usr/bin/python3")
+    version = subprocess.run(
+        [system, "-c", "import sys; print(sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if version == str(sys.version_info[:2]):
+        # The same Python version: this environment's packages work there, copied where
+        # nobody can read them (no download).
+        for name in ("click", "psutil", "setproctitle"):
+            origin = Path(__import__(name).__file__ or "")
+            source = origin.parent if origin.name == "__init__.py" else origin
+            copy = shutil.copytree if source.is_dir() else shutil.copy2
+            copy(source, home / source.name)
+        chosen = Interpreter(system, str(home))
+        if _runs_prefork_as_nobody(chosen):
+            return chosen
     venv = home / "venv"
     packages = ["click>=8.1", "setproctitle>=1.3", "psutil>=5.9", "tomli>=2; python_version<'3.11'"]
     subprocess.run([system, "-m", "venv", str(venv)], check=True, timeout=120)

@@ -13,7 +13,9 @@ from prefork.config import LIBRARY_SETTINGS, Config, env_var, flag_name
 
 def test_every_field_is_exactly_one_cli_option_with_its_env_var() -> None:
     # Arguments and actions are not settings: MODULE:OBJECT, --print-config.
-    options = {p.name: p for p in run.params if p.name not in ("target", "print_config")}
+    options = {
+        p.name: p for p in run.params if p.name not in ("target", "print_config", "check_config")
+    }
     assert set(options) == {f.name for f in fields(Config)}
     for f in fields(Config):
         option = options[f.name]
@@ -69,7 +71,7 @@ def test_config_is_frozen() -> None:
 # -- the config file --------------------------------------------------------------------
 from pathlib import Path  # noqa: E402
 
-from prefork.config import find_config_file, read_config_file, to_toml  # noqa: E402
+from prefork.config_file import find_config_file, read_config_file, to_toml  # noqa: E402
 
 
 def write(tmp_path: Path, text: str, name: str = "prefork.toml") -> str:

@@ -3,12 +3,14 @@ terminal escapes, and processes that pretend to be a prefork master."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,14 +26,27 @@ def probe_time(address: tuple[str, int], timeout: float = 15.0) -> float:
     return time.monotonic() - started
 
 
-def idle(address: tuple[str, int], count: int, first: bytes = b"") -> list[socket.socket]:
-    conns = []
-    for _ in range(count):
-        conn = socket.create_connection(address, timeout=10)
-        if first:
-            conn.sendall(first)
-        conns.append(conn)
-    return conns
+@contextlib.contextmanager
+def clients(
+    address: tuple[str, int], count: int, first: bytes = b""
+) -> Iterator[list[socket.socket]]:
+    """``count`` connections, each having sent ``first``; all closed on the way out."""
+    with contextlib.ExitStack() as stack:
+        conns = []
+        for _ in range(count):
+            conn = stack.enter_context(socket.create_connection(address, timeout=15))
+            if first:
+                conn.sendall(first)
+            conns.append(conn)
+        yield conns
+
+
+def closed_by_server(conn: socket.socket) -> bool:
+    """True once the server has closed ``conn`` (EOF or reset), waiting up to its timeout."""
+    try:
+        return conn.recv(100) == b""
+    except ConnectionResetError:
+        return True
 
 
 def test_the_default_listener_defers_accept_until_the_client_speaks(serve, listener):
@@ -53,65 +68,92 @@ def test_idle_connections_do_not_stall_a_sync_pool_with_the_defaults(serve, list
     server = serve("apps:Echo", "-w", "2", listen_on=listener)
     workers = server.wait_ready(2)
     address = listener.getsockname()
-    conns = idle(address, 2)
-    try:
-        time.sleep(2.0)  # a measurement window: the attack in progress
-        assert probe_time(address) < 1.0
-    finally:
-        for conn in conns:
-            conn.close()
+    with clients(address, 2):
+        assert probe_time(address) < 3.0
     assert sorted(server.booted()) == sorted(workers) and "timed out" not in server.log
 
 
-def test_idle_clients_past_the_deferral_are_cut_by_the_client_timeout(serve, listener):
+def test_idle_clients_past_the_deferral_end_at_once(serve, listener):
+    """Once the deferral runs out the kernel hands a silent connection over anyway; it
+    has been silent all that time, and it ends at its first read, without waiting."""
     server = serve(
-        "apps:Echo", "-w", "2", "--defer-accept", "1", "--client-timeout", "2",
-        "--timeout", "30", listen_on=listener,
+        "apps:Echo", "-w", "2", "--defer-accept", "1", "--log-level", "debug",
+        listen_on=listener,
     )  # fmt: skip
     workers = server.wait_ready(2)
     address = listener.getsockname()
-    conns = idle(address, 2)
-    try:
-        time.sleep(1.5)  # handed over after ~1 s, each now holds a sync worker
-        assert probe_time(address) < 4.0  # at most the client timeout
-        for conn in conns:  # closed by the server, not by the test
-            assert conn.recv(10) == b""
-    finally:
-        for conn in conns:
-            conn.close()
+    with clients(address, 4) as idle:
+        started = time.monotonic()
+        assert all(closed_by_server(conn) for conn in idle)
+        assert time.monotonic() - started < 9.0  # handed over after 1-3 s, then closed
+        assert probe_time(address) < 3.0
     assert sorted(server.booted()) == sorted(workers)
-    assert "Traceback" not in server.log and "Exception" not in server.log
-
-
-def test_trickling_clients_are_dropped_and_a_probe_gets_through(serve, listener):
-    """Six clients that send a first byte and then stall, against two sync workers."""
-    server = serve("apps:Echo", "-w", "2", "--client-timeout", "2", listen_on=listener)
-    workers = server.wait_ready(2)
-    address = listener.getsockname()
-    conns = idle(address, 6, first=b"G")
-    try:
-        assert probe_time(address) < 9.0  # three rounds of two, 2 s each, at worst
-        for conn in conns:
-            assert conn.recv(10) == b""
-    finally:
-        for conn in conns:
-            conn.close()
-    assert sorted(server.booted()) == sorted(workers)
+    wait_until(lambda: server.log.count("sent nothing during the accept deferral") == 4, 5)
     assert "Traceback" not in server.log
 
 
+class Trickle:
+    """Clients that send a byte every ``interval`` seconds, each on its own socket."""
+
+    def __init__(self, conns: list[socket.socket], interval: float) -> None:
+        self.conns, self.interval = conns, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 30
+        while not self.stop.wait(self.interval) and time.monotonic() < deadline:
+            for conn in self.conns:
+                with contextlib.suppress(OSError):
+                    conn.send(b"x")
+
+    def __enter__(self) -> Trickle:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+def test_trickling_clients_are_dropped_and_a_probe_gets_through(serve, listener):
+    """Six clients that send a byte every 0.3 s, well inside the 2 s between reads, against
+    two sync workers: each may keep its worker waiting 2 s in all, not for ever."""
+    server = serve("apps:Echo", "-w", "2", "--client-timeout", "2", listen_on=listener)
+    workers = server.wait_ready(2)
+    address = listener.getsockname()
+    with clients(address, 6, first=b"G") as trickling, Trickle(trickling, 0.3):
+        assert probe_time(address) < 12.0  # three rounds of two, ~2-3 s each, at worst
+        assert all(closed_by_server(conn) for conn in trickling)
+    assert sorted(server.booted()) == sorted(workers)
+    assert "timed out" not in server.log and "Traceback" not in server.log
+
+
+def test_a_client_that_keeps_up_is_served_however_long_it_takes(serve, listener, app_dir: Path):
+    """A slow but steady upload (2 KB/s, above MIN_RATE) outlasts the client timeout."""
+    (app_dir / "count.py").write_text(
+        "import socketserver\n"
+        "class Count(socketserver.StreamRequestHandler):\n"
+        "    def handle(self):\n"
+        "        self.wfile.write(b'%d\\n' % len(self.rfile.readline()))\n"
+    )
+    server = serve("count:Count", "-w", "1", "--client-timeout", "1", listen_on=listener)
+    server.wait_ready(1)
+    with socket.create_connection(listener.getsockname(), timeout=15) as conn:
+        for _ in range(30):  # 3 s in all, three times the timeout
+            conn.sendall(b"y" * 200)
+            time.sleep(0.1)  # the client's pace, not a wait for the server
+        conn.sendall(b"\n")
+        assert conn.makefile("rb").readline() == b"6001\n"
+
+
 def test_idle_connections_do_not_fill_a_thread_pool(serve, listener):
-    """32 silent connections used to take all 2 x 16 threads for as long as they stayed."""
+    """40 silent connections used to take all 2 x 16 threads for as long as they stayed."""
     server = serve("apps:Echo", "-w", "2", "-k", "thread", listen_on=listener)
     server.wait_ready(2)
     address = listener.getsockname()
-    conns = idle(address, 40)
-    try:
-        time.sleep(1.0)
-        assert probe_time(address) < 1.0
-    finally:
-        for conn in conns:
-            conn.close()
+    with clients(address, 40):
+        assert probe_time(address) < 3.0
 
 
 RECV_APP = """
@@ -149,6 +191,7 @@ def test_a_client_timeout_is_a_debug_line_never_a_traceback(
         assert 0.4 < time.monotonic() - started < 5
     wait_until(lambda: "was silent for 0.5s (--client-timeout); closed" in server.log, 5)
     assert "[DEBUG]" in next(x for x in server.log.splitlines() if "was silent" in x)
+    assert server.log.count("--client-timeout") == 1
     assert "Traceback" not in server.log and "Error" not in server.log
 
 
@@ -225,11 +268,12 @@ def test_client_text_is_escaped_in_status_the_log_and_the_access_log(
 
 
 def test_handle_error_escapes_the_client_and_the_exception(serve, app_dir: Path):
+    """A client's bytes in an exception message, line breaks and all, stay one line."""
     (app_dir / "fails.py").write_text(
         "import socketserver\n"
-        "class Fails(socketserver.StreamRequestHandler):\n"
+        "class Fails(socketserver.BaseRequestHandler):\n"
         "    def handle(self):\n"
-        "        raise ValueError(self.rfile.readline())\n"
+        "        raise ValueError(self.request.recv(200).decode())\n"
     )
     path = str(app_dir / "app.sock")
     server = serve("fails:Fails", "-w", "1", "-b", f"unix:{path}")
@@ -237,11 +281,24 @@ def test_handle_error_escapes_the_client_and_the_exception(serve, app_dir: Path)
     with socket.socket(socket.AF_UNIX) as conn:
         conn.bind(str(app_dir / "\x1b[31mred"))
         conn.connect(path)
-        conn.sendall(b"\x1b[2J boom\n")
+        conn.sendall(b"\x1b[2J boom\n2026-01-01 00:00:00 [1] [master] [ERROR] forged line\n")
         conn.recv(10)
     wait_until(lambda: "ValueError" in server.log, 5)
     assert "Exception occurred during processing of request from" in server.log
     assert "\x1b" not in server.log and "\\x1b[31mred" in server.log
+    assert not any(line.startswith("2026-01-01") for line in server.log.splitlines())
+    assert "boom\\n2026-01-01" in server.log
+
+
+def test_options_a_binder_set_on_a_passed_socket_are_kept(serve):
+    """systemd's DeferAcceptSec= (here set by the test, which binds) is its choice."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        sock.set_inheritable(True)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 3)
+        server = serve("apps:Echo", "-w", "1", listen_on=sock)
+        server.wait_ready(1)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) == 3
+        assert echo_line(sock.getsockname()) == b"ping"
 
 
 # -- pages that are not prefork's --------------------------------------------------------------

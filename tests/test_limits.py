@@ -64,7 +64,7 @@ def test_a_config_file_nested_too_deep_or_not_a_file_is_one_line(app_dir: Path):
     (app_dir / "deep.toml").write_text("bind = " + "[" * 5000 + "]" * 5000 + "\n")
     base = ("run", "apps:Echo", "-b", "127.0.0.1:0", "--config")
     assert_one_line(run_cli(*base, "deep.toml", cwd=app_dir), "deep.toml")
-    assert_one_line(run_cli(*base, "/dev/zero", cwd=app_dir), "not a regular file")
+    assert_one_line(run_cli(*base, "/dev/zero", cwd=app_dir), "/dev/zero")
     (app_dir / "fifo").unlink(missing_ok=True)
     import os
 
@@ -72,16 +72,13 @@ def test_a_config_file_nested_too_deep_or_not_a_file_is_one_line(app_dir: Path):
     assert_one_line(run_cli(*base, "fifo", cwd=app_dir), "not a regular file")
 
 
-def test_abstract_sockets_take_no_mode_and_need_a_name(app_dir: Path):
-    assert_one_line(
-        run_cli(
-            "run", "apps:Echo", "-b", "unix:@prefork-test", "--socket-mode", "660", cwd=app_dir
-        ),
-        "--socket-mode does not apply to unix:@prefork-test",
-    )
-    assert_one_line(
-        run_cli("run", "apps:Echo", "-b", "unix:@", cwd=app_dir), "name after @ is empty"
-    )
+def test_abstract_sockets_take_no_mode_and_need_a_name(serve, app_dir: Path):
+    server = serve("apps:Echo", "-w", "1", "-b", "unix:@prefork-test-mode", "--socket-mode", "660")
+    server.wait_ready(1)
+    line = next(x for x in server.log.splitlines() if "--socket-mode" in x)
+    assert "[WARNING]" in line and "does not apply to unix:@prefork-test-mode" in line
+    result = run_cli("run", "apps:Echo", "-b", "unix:@", cwd=app_dir)
+    assert_one_line(result, "name after @ is empty")
 
 
 def test_timeouts_of_a_month_work_and_a_graceful_stop_still_finishes(serve, listener):
@@ -138,3 +135,41 @@ def test_many_workers_start_in_batches_and_a_term_is_heard_meanwhile(serve, list
     server.signal(signal.SIGTERM)  # in the middle of forking 300
     assert server.wait_exit(30) == 0
     assert len(server.booted()) == 0
+
+
+def test_check_config_checks_everything_and_changes_nothing(app_dir: Path, listener):
+    log_file = app_dir / "never.log"
+    result = run_cli(
+        "run", "apps:Echo", "-b", "127.0.0.1:1", "--log-file", str(log_file), "--check-config",
+        cwd=app_dir,
+    )  # fmt: skip
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert not log_file.exists()  # nothing made, nothing bound (port 1 would need root)
+    for bad, says in [
+        (("--server-class", "nosuch:X"), "cannot import 'nosuch'"),
+        (("--chdir", "/nonexistent"), "cannot change to directory /nonexistent"),
+        (("--user", "no-such-user-here"), "unknown user"),
+        (("-b", "unix:@"), "name after @ is empty"),
+    ]:
+        check = run_cli("run", "apps:Echo", *bad, "--check-config", cwd=app_dir)
+        assert_one_line(check, says)
+    assert_one_line(run_cli("run", "apps:Nope", "--check-config", cwd=app_dir), "no object")
+
+
+@pytest.mark.parametrize(
+    "toml", ['server_class = "nosuch:X"', 'chdir = "/nonexistent"', 'user = "no-such-user-x"']
+)
+def test_a_usr2_whose_new_start_would_fail_changes_nothing(
+    serve, listener, app_dir: Path, toml: str
+):
+    """A HUP keeps what it cannot apply for the next USR2 or restart; that USR2 runs the
+    new start's --check-config first and, refused, leaves the master as it was."""
+    config = app_dir / "prefork.toml"
+    config.write_text("workers = 1\n")
+    server = serve("apps:Pid", "--config", str(config), listen_on=listener)
+    before = server.wait_ready(1)
+    config.write_text(toml + "\n")
+    server.signal(signal.SIGUSR2)
+    wait_until(lambda: "upgrade abandoned" in server.log, 20, message=lambda: server.log)
+    assert server.proc.poll() is None and server.booted() == before
+    assert int(echo_line(listener.getsockname())) == before[0]

@@ -6,8 +6,8 @@ import contextlib
 import os
 import signal
 import socket
-import struct
 import socketserver
+import struct
 import subprocess
 import threading
 import time

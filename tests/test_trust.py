@@ -9,13 +9,13 @@ Every test runs as root with the workers as nobody (the ``as_nobody`` fixture).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import stat
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +39,7 @@ class Hostile(socketserver.StreamRequestHandler):
         page = me.spec.heartbeat._map
         if what in ("inf", "nan", "-inf", "1e300"):
             struct.pack_into("d", page, 0, float(what))  # the heartbeat
+            self.wfile.write(b"written\n"); self.wfile.flush()
             time.sleep(3)  # the loop would overwrite it at its next turn
         elif what == "client":  # a request from a client with terminal escapes, too long
             from prefork.heartbeat import _CLIENT_OFFSET, _REQUEST_OFFSET
@@ -46,6 +47,8 @@ class Hostile(socketserver.StreamRequestHandler):
             page[_CLIENT_OFFSET:_CLIENT_OFFSET + len(evil)] = evil
             struct.pack_into("dQH", page, _REQUEST_OFFSET, time.monotonic(), 7, 65535)
             time.sleep(3)
+        elif what.startswith("pid "):  # who it claims to be, in the identity the master wrote
+            struct.pack_into("q", page, 248, int(what[4:]))
         elif what.startswith("pipe "):
             data = what[5:].encode()
             os.write(me.spec.status_fd, data)
@@ -133,16 +136,18 @@ def test_a_planted_symlink_log_is_refused_not_followed(
     assert link.is_symlink()
 
 
-def test_a_log_with_another_hard_link_is_not_given_away(
+def test_an_existing_file_of_someone_else_is_never_given_away(
     open_dir: Path, secret: Path, as_nobody: Interpreter
 ):
-    os.link(secret, open_dir / "theirs" / "app.log")  # what protected_hardlinks=0 allows
+    """A hard link to the secret (what protected_hardlinks=0 allows) where the log goes:
+    prefork gives away only the files it creates itself."""
+    os.link(secret, open_dir / "theirs" / "app.log")
     result = run_cli(
         "run", "hostile:Echo", "-b", "127.0.0.1:0", "--user", "nobody",
         "--log-file", str(open_dir / "theirs" / "app.log"),
         cwd=open_dir, interpreter=as_nobody,
     )  # fmt: skip
-    assert "hard links" in one_line(result)
+    assert "exists and belongs to uid 0, not to uid 65534" in one_line(result)
 
 
 def test_a_symlinked_directory_of_theirs_is_not_followed(
@@ -290,12 +295,11 @@ def test_a_heartbeat_from_nowhere_gets_its_worker_killed_not_the_master(
     serve, open_dir: Path, as_nobody: Interpreter, value: str
 ):
     server, address = _hostile_server(serve, open_dir, as_nobody)
-    hostile = socket.create_connection(address, timeout=10)
-    hostile.sendall(value.encode() + b"\n")
-    time.sleep(0.2)  # let the worker write it before the master's next turn, below
-    server.signal(signal.SIGUSR1)  # any signal makes the master look at every page
-    wait_until(lambda: "impossible time" in server.log, 10, message=lambda: server.log)
-    hostile.close()
+    with socket.create_connection(address, timeout=10) as hostile:
+        hostile.sendall(value.encode() + b"\n")
+        assert hostile.makefile("rb").readline() == b"written\n"
+        server.signal(signal.SIGUSR1)  # any signal makes the master look at every page
+        wait_until(lambda: "impossible time" in server.log, 10, message=lambda: server.log)
     assert ask(address, b"ping") == b"done"  # the pool serves on
     assert server.proc.poll() is None
     assert server.log.count("impossible time") == 1
@@ -306,11 +310,12 @@ def test_a_forged_request_record_is_clamped_and_escaped(
     serve, open_dir: Path, as_nobody: Interpreter
 ):
     server, address = _hostile_server(serve, open_dir, as_nobody, "--timeout", "1")
-    hostile = socket.create_connection(address, timeout=10)
-    hostile.sendall(b"client\n")
-    wait_until(lambda: "timed out: its request from" in server.log, 10, message=lambda: server.log)
-    status = run_cli("status", str(server.pid), cwd=open_dir, interpreter=as_nobody)
-    hostile.close()
+    with socket.create_connection(address, timeout=10) as hostile:
+        hostile.sendall(b"client\n")
+        wait_until(
+            lambda: "timed out: its request from" in server.log, 10, message=lambda: server.log
+        )
+        status = run_cli("status", str(server.pid), cwd=open_dir, interpreter=as_nobody)
     line = next(x for x in server.log.splitlines() if "timed out: its request from" in x)
     assert "\x1b" not in server.log and "\x07" not in server.log
     assert "\\x1b]0;owned\\x07" in line
@@ -318,6 +323,21 @@ def test_a_forged_request_record_is_clamped_and_escaped(
         status.returncode == 0 and "\x1b" not in status.stdout and "Traceback" not in status.stderr
     )
     assert ask(address, b"ping") == b"done"
+
+
+@pytest.mark.parametrize("claim", ["-5", "1", "0"])
+def test_a_worker_cannot_pass_for_another_process_in_status(
+    serve, open_dir: Path, as_nobody: Interpreter, claim: str
+):
+    """Status as root names the PIDs an operator may then kill: they come from the
+    master's records, not from what a worker wrote into its page."""
+    server, address = _hostile_server(serve, open_dir, as_nobody)
+    for _ in range(4):  # both workers, whichever takes each connection
+        assert ask(address, f"pid {claim}".encode()) == b"done"
+    result = run_cli("status", "--json", str(server.pid), cwd=open_dir, interpreter=as_nobody)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    shown = sorted(w["pid"] for w in json.loads(result.stdout)["workers"])
+    assert shown == sorted(server.worker_pids())
 
 
 def test_status_pipe_messages_out_of_turn_steer_nothing(
@@ -348,16 +368,122 @@ def test_group_without_user_says_workers_keep_root(serve, open_dir: Path, as_nob
     assert "--group without --user: workers keep the master's user, root (uid 0)" in server.log
 
 
-def test_a_config_file_the_workers_can_change_is_called_out(
+def test_settings_someone_else_could_change_are_refused_at_start(
+    open_dir: Path, as_nobody: Interpreter
+):
+    """Whoever writes the config file chooses --user, --preload and --server-class: as
+    root, prefork reads settings only from files only root can change."""
+    theirs = open_dir / "theirs"
+    config = theirs / "prefork.toml"
+    config.write_text("workers = 1\n")
+    base = ("run", "hostile:Echo", "-b", "127.0.0.1:0", "--user", "nobody")
+    line = one_line(run_cli(*base, "--config", str(config), cwd=open_dir, interpreter=as_nobody))
+    assert "refusing to read settings from" in line and f"{theirs} belongs to uid 65534" in line
+    (theirs / "pyproject.toml").write_text("[tool.prefork]\nworkers = 1\n")
+    line = one_line(run_cli(*base, cwd=theirs, interpreter=as_nobody))  # the start directory
+    assert "pyproject.toml as root" in line
+
+
+def test_a_config_directory_swapped_later_is_refused_on_hup_and_usr2(
     serve, open_dir: Path, as_nobody: Interpreter
 ):
-    config = open_dir / "theirs" / "prefork.toml"
-    config.write_text("workers = 1\n")
-    os.chown(config, NOBODY, NOBODY)
+    """The file and its directory are root's, the directory above is the workers': they
+    rename the directory away, put their own with server_class = their code, and wait
+    for the next HUP or USR2. The code must never run as root."""
+    theirs = open_dir / "theirs"
+    conf = theirs / "conf"
+    conf.mkdir()
+    (conf / "p.toml").write_text("workers = 1\n")
+    os.chown(theirs, 0, 0)  # root's at start: trusted then
     server = serve(
-        "hostile:Echo", "-b", "127.0.0.1:0", "--user", "nobody", "--config", str(config),
+        "hostile:Echo", "-b", "127.0.0.1:0", "--user", "nobody", "--config", str(conf / "p.toml"),
         cwd=open_dir, interpreter=as_nobody,
     )  # fmt: skip
     server.wait_ready(1)
-    line = next(x for x in server.log.splitlines() if "can be changed by" in x)
-    assert str(config) in line and "user nobody" in line and "[WARNING]" in line
+    os.chown(theirs, NOBODY, NOBODY)  # now the workers' (an operator's mistake, say)
+    conf.rename(theirs / "conf.old")
+    conf.mkdir()
+    (conf / "p.toml").write_text('server_class = "pwn:S"\n')
+    marker = open_dir / "pwned"
+    (open_dir / "pwn.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nclass S: pass\n")
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: "reload abandoned" in server.log, 10, message=lambda: server.log)
+    server.signal(signal.SIGUSR2)
+    wait_until(lambda: "upgrade abandoned" in server.log, 20, message=lambda: server.log)
+    assert "refusing to read settings" in server.log.rsplit("upgrade abandoned", 1)[1]
+    assert not marker.exists() and server.proc.poll() is None
+
+
+def test_preload_of_code_someone_else_could_change_is_refused(
+    open_dir: Path, as_nobody: Interpreter
+):
+    theirs = open_dir / "theirs"
+    (theirs / "mine.py").write_text(
+        "import socketserver\nclass H(socketserver.BaseRequestHandler): pass\n"
+    )
+    for option in (("--preload",), ("--server-class", "mine:H")):
+        target = "mine:H" if option == ("--preload",) else "hostile:Echo"
+        result = run_cli(
+            "run", target, "-b", "127.0.0.1:0", "--user", "nobody", *option,
+            cwd=theirs if option == ("--preload",) else open_dir,
+            env={"PYTHONPATH": f"{as_nobody.path}{os.pathsep}{theirs}"}, interpreter=as_nobody,
+        )  # fmt: skip
+        line = one_line(result)
+        assert f"{option[0]} would import" in line and "runs as root" in line
+
+
+def test_a_fifo_planted_as_the_log_is_refused_even_with_a_reader(
+    open_dir: Path, as_nobody: Interpreter
+):
+    """A FIFO someone holds open without reading would block every line the master logs."""
+    fifo = open_dir / "theirs" / "app.log"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader that never reads
+    try:
+        result = run_cli(
+            "run", "hostile:Echo", "-b", "127.0.0.1:0", "--user", "nobody",
+            "--log-file", str(fifo), cwd=open_dir, interpreter=as_nobody,
+        )  # fmt: skip
+    finally:
+        os.close(reader)
+    assert "not a regular file" in one_line(result)
+
+
+def test_chdir_through_a_planted_symlink_is_refused(
+    open_dir: Path, secret: Path, as_nobody: Interpreter
+):
+    link = plant(open_dir / "theirs" / "app", secret.parent)
+    result = run_cli(
+        "run", "hostile:Echo", "-b", "127.0.0.1:0", "--user", "nobody", "--chdir", str(link),
+        cwd=open_dir, interpreter=as_nobody,
+    )  # fmt: skip
+    assert "refusing to follow the symbolic link app" in one_line(result)
+
+
+def test_a_pid_file_naming_someone_elses_fake_master_is_stale(
+    serve, open_dir: Path, as_nobody: Interpreter
+):
+    """Anyone can call a process "prefork: master"; only one of ours blocks a start."""
+    fake = subprocess.Popen(
+        [*DROP_TO_NOBODY, "bash", "-c", 'exec -a "prefork: master [x]" sleep 60'],
+    )
+    try:
+        wait_until(lambda: _cmdline(fake.pid).startswith("prefork: master"), 5)
+        pid_file = open_dir / "theirs" / "app.pid"
+        pid_file.write_text(f"{fake.pid}\n")
+        server = serve(
+            "hostile:Echo", "-w", "1", "-b", "127.0.0.1:0", "--user", "nobody",
+            "--pid", str(pid_file), cwd=open_dir, interpreter=as_nobody,
+        )  # fmt: skip
+        server.wait_ready(1)
+        assert pid_file.read_text() == f"{server.pid}\n"
+    finally:
+        fake.kill()
+        fake.wait(5)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

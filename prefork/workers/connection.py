@@ -1,108 +1,192 @@
 """How a worker accepts: the hoisted accept, and the client timeout on each connection.
 
-``--client-timeout`` is kept by the kernel (SO_RCVTIMEO, SO_SNDTIMEO) rather than by
-``socket.settimeout``: with a Python timeout every read and write first calls poll(),
-five more system calls for a small HTTP request (strace: 9 -> 14 per request), where the
-kernel's costs nothing per call. A TCP connection inherits it from its listener; a Unix
-one does not and is given it as it is accepted (two setsockopt calls).
+``--client-timeout T`` bounds how long a client can keep a handler waiting. Two parts:
+
+- The kernel bounds each read and write (SO_RCVTIMEO, SO_SNDTIMEO) rather than
+  ``socket.settimeout``: with a Python timeout every read and write first calls poll(),
+  five more system calls for a small HTTP request (strace: 9 -> 14 per request), where
+  the kernel's cost nothing per call. A TCP connection inherits them from its listener;
+  a Unix one does not and is given them as it is accepted (two setsockopt calls).
+- ``TimedConnection`` bounds the waiting in all, so that a client sending a byte just
+  before each T runs out (slow loris) or reading its answer as slowly (slow read) cannot
+  hold a handler either. Each connection has T seconds of waiting to spend; time spent
+  blocked in a read or write is taken from it, every byte moved gives back 1/MIN_RATE s
+  (as Apache's mod_reqtimeout does: a client that keeps up MIN_RATE bytes a second never
+  runs out), never above T; a write the client takes at once refills it (the client is
+  keeping up; its next silence starts now). Running out raises ``ClientTimeout``.
 
 The kernel reports an expired timeout as EAGAIN on a blocking socket, which buffered
-readers (``rfile``) take for "no data" and so for the end of the stream, and which a
-handler's ``recv`` raises as BlockingIOError. Connections with a client timeout are
-therefore ``TimedConnection``s, which raise TimeoutError instead, exactly as a socket
-with ``settimeout`` does: ``readline`` fails rather than returning half a line, and
-socketserver code that handles timeouts (http.server does) handles this one.
+readers (``rfile``) would take for the end of the stream: ``TimedConnection`` raises
+``ClientTimeout`` (a TimeoutError) instead, exactly what a socket with ``settimeout``
+raises, so ``readline`` fails rather than returning half a line, and socketserver code
+that handles timeouts (http.server does) handles this one. A handler that makes the
+socket non-blocking, or gives it its own timeout, gets what it asked for.
+
+Under TCP_DEFER_ACCEPT the kernel hands over a connection before its client has sent
+anything only once the deferral has run out: if the first read finds nothing, the
+client has been silent for the whole deferral, and it ends there (no waiting at all).
 """
 
 from __future__ import annotations
 
 import socket
 import socketserver
+import time
 from collections.abc import Callable
 from typing import Any
 
 from ..listeners import set_client_timeout, timeval
 
 Accept = Callable[[], tuple[socket.socket, Any]]
+MIN_RATE = 500  # bytes a second that keep a connection's waiting allowance full
+KEEPING_UP = 0.005  # seconds: a write that returns sooner took no waiting
+CHUNK = 1 << 16  # a larger sendall is sent piece by piece, each piece accounted
+_now = time.monotonic
+
+
+class ClientTimeout(TimeoutError):
+    """The client kept the handler waiting longer than --client-timeout allows."""
 
 
 class TimedConnection(socket.socket):
-    """A connection whose reads and writes the kernel bounds: outwaiting the bound
-    raises TimeoutError. A handler that made the socket non-blocking or gave it its own
-    timeout sees what it asked for: EAGAIN is translated only in blocking mode, where
-    nothing but the kernel's timeout produces it."""
+    """An accepted connection whose waiting on the client is bounded (module docstring).
 
-    __slots__ = ()
+    Class attributes, set per server by ``timed_connection``: ``LIMIT`` (the client
+    timeout) and ``DEFERRED`` (the listener defers accept: a first read must not wait).
+    """
 
-    def recv(self, *args: Any) -> bytes:
+    __slots__ = ("_prefork_allowance", "_prefork_fresh")
+    LIMIT = 10.0
+    DEFERRED = False
+
+    def start(self) -> TimedConnection:
+        self._prefork_allowance, self._prefork_fresh = self.LIMIT, self.DEFERRED
+        return self
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        flags, started = self._first_read(flags), _now()
         try:
-            return _recv(self, *args)
+            data = _recv(self, bufsize, flags)
         except BlockingIOError as exc:
-            raise self._timed_out(exc) from None
+            raise self._timed_out(exc, flags) from None
+        self._spent(started, len(data))
+        return data
 
-    def recv_into(self, *args: Any) -> int:
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        flags, started = self._first_read(flags), _now()
         try:
-            return _recv_into(self, *args)
+            count = _recv_into(self, buffer, nbytes, flags)
         except BlockingIOError as exc:
-            raise self._timed_out(exc) from None
+            raise self._timed_out(exc, flags) from None
+        self._spent(started, count)
+        return count
 
-    def send(self, *args: Any) -> int:
+    def send(self, data: Any, flags: int = 0) -> int:
+        self._prefork_fresh, started = False, _now()  # the server speaks: no deferral
         try:
-            return _send(self, *args)
+            count = _send(self, data, flags)
         except BlockingIOError as exc:
-            raise self._timed_out(exc) from None
+            raise self._timed_out(exc, 0) from None
+        self._wrote(started, count)
+        return count
 
-    def sendall(self, *args: Any) -> None:
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        if len(data) > CHUNK:  # long enough to be read slowly: account piece by piece
+            with memoryview(data) as view, view.cast("B") as octets:
+                sent = 0
+                while sent < len(octets):
+                    sent += self.send(octets[sent : sent + CHUNK], flags)
+            return
+        self._prefork_fresh, started = False, _now()
         try:
-            _sendall(self, *args)
+            _sendall(self, data, flags)
         except BlockingIOError as exc:
-            raise self._timed_out(exc) from None
+            raise self._timed_out(exc, 0) from None
+        self._wrote(started, len(data))
 
-    def _timed_out(self, exc: BlockingIOError) -> OSError:
-        """In blocking mode only the kernel's timeouts give EAGAIN: a timeout. A socket
-        the handler made non-blocking gets its EAGAIN as it is."""
-        return TimeoutError("timed out") if self.gettimeout() is None else exc
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        """Through ``send``, accounted: os.sendfile would wait on a slow reader unbounded."""
+        return self._sendfile_use_send(file, offset, count)  # type: ignore[attr-defined,no-any-return]
+
+    def _first_read(self, flags: int) -> int:
+        if self._prefork_fresh:
+            self._prefork_fresh = False
+            return flags | socket.MSG_DONTWAIT
+        return flags
+
+    def _spent(self, started: float, moved: int) -> None:
+        allowance = self._prefork_allowance - (_now() - started) + moved / MIN_RATE
+        self._prefork_allowance = min(allowance, self.LIMIT)
+        if allowance < 0:
+            raise ClientTimeout(f"the client kept the handler waiting over {self.LIMIT:g}s")
+
+    def _wrote(self, started: float, moved: int) -> None:
+        if _now() - started < KEEPING_UP:
+            self._prefork_allowance = self.LIMIT
+        else:
+            self._spent(started, moved)
+
+    def _timed_out(self, exc: BlockingIOError, flags: int) -> OSError:
+        """EAGAIN where the socket blocks comes only from the kernel's timeouts, or from
+        our first non-waiting read: a timeout. A handler's non-blocking socket gets its
+        EAGAIN as it is."""
+        if flags & socket.MSG_DONTWAIT and self.gettimeout() is None:
+            return ClientTimeout("the client sent nothing during the accept deferral")
+        if self.gettimeout() is None:
+            return ClientTimeout(f"the client was silent for {self.LIMIT:g}s")
+        return exc
 
 
 _recv, _recv_into = socket.socket.recv, socket.socket.recv_into
 _send, _sendall = socket.socket.send, socket.socket.sendall
 
 
+def timed_connection(limit: float, deferred: bool) -> type[TimedConnection]:
+    """The connection class of one server: its client timeout, and whether its listener
+    defers accept."""
+    return type("TimedConnection", (TimedConnection,), {"LIMIT": limit, "DEFERRED": deferred})
+
+
 def prepare(server: Any) -> None:
     """At boot, once per server: how its connections are accepted. Sets instance
-    attributes only (``get_request``, ``_prefork_client_timeout``); the class's own
-    methods stay as they are."""
+    attributes only (``get_request``); the class's own methods stay as they are."""
     timeout = client_timeout(server)
-    server._prefork_client_timeout = timeout  # handle_error logs its expiry at debug level
+    if timeout is None:
+        connection_class: type[socket.socket] = socket.socket
+    else:
+        deferred = bool(server.prefork_config.defer_accept) and _is_tcp(server.socket)
+        connection_class = timed_connection(timeout, deferred)
+    # A Unix connection does not inherit the kernel's timeouts from its listener.
     per_connection = timeout if server.socket.family == socket.AF_UNIX else None
     stock = type(server).get_request is socketserver.TCPServer.get_request
     if stock and not server.socket.gettimeout():
-        server.get_request = accept_on(server.socket, timeout is not None, per_connection)
+        server.get_request = accept_on(server.socket, connection_class, per_connection)
     elif timeout is not None:
-        server.get_request = _timed(server.get_request, per_connection)
+        server.get_request = _timed(server.get_request, connection_class, per_connection)
+
+
+def _is_tcp(sock: socket.socket) -> bool:
+    return sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
 
 
 def client_timeout(server: Any) -> float | None:
-    """--client-timeout for ``server``'s connections: stream sockets only, and only when
-    the handler class sets no timeout of its own (``StreamRequestHandler.timeout`` is
-    the precedent, and a handler that sets one knows its protocol: its settimeout makes
-    the connection non-blocking, where the kernel's timeouts no longer apply)."""
+    """--client-timeout for ``server``'s connections (stream sockets), or None."""
     timeout = server.prefork_config.client_timeout
     if not timeout or server.socket.type != socket.SOCK_STREAM:
-        return None
-    if getattr(server.RequestHandlerClass, "timeout", None) is not None:
         return None
     return float(timeout)
 
 
-def _timed(get_request: Accept, per_connection: float | None) -> Accept:
-    """An overridden ``get_request``, its connections made TimedConnections (and, on a
-    Unix socket, given the timeout)."""
+def _timed(get_request: Accept, timed: type[Any], per_connection: float | None) -> Accept:
+    """An overridden ``get_request``: its plain sockets become ``timed`` connections (the
+    same descriptor; a wrapped one, an SSL socket say, is left as it is), and on a Unix
+    socket are given the timeout."""
 
     def get_request_timed() -> tuple[socket.socket, Any]:
         request, client_address = get_request()
         if type(request) is socket.socket:
-            request.__class__ = TimedConnection  # the same object, a stricter recv
+            family, kind, proto = request.family, request.type, request.proto
+            request = timed(family, kind, proto, fileno=request.detach()).start()
         if per_connection is not None:
             set_client_timeout(request, per_connection)
         return request, client_address
@@ -110,7 +194,9 @@ def _timed(get_request: Accept, per_connection: float | None) -> Accept:
     return get_request_timed
 
 
-def accept_on(listener: socket.socket, timed: bool, per_connection: float | None) -> Accept:
+def accept_on(
+    listener: socket.socket, connection_class: type[Any], per_connection: float | None
+) -> Accept:
     """``TCPServer.get_request`` for one listening socket, with the constant part done once.
 
     ``socket.accept`` turns the listener's family and type into enum members and looks
@@ -119,26 +205,35 @@ def accept_on(listener: socket.socket, timed: bool, per_connection: float | None
     2,000 queued connections: 8.5 -> 6.1 us per accept). Its only other step, making
     the connection blocking when the listener has a timeout, does not apply to a
     listener without one (workers' are non-blocking), and the new socket follows
-    ``socket.getdefaulttimeout()`` just as ``accept``'s does. ``timed``: connections
-    are TimedConnections; ``per_connection``: the client timeout to give each one (a
-    Unix socket's, which the kernel does not copy from the listener).
+    ``socket.getdefaulttimeout()`` just as ``accept``'s does. ``connection_class``:
+    socket.socket, or a TimedConnection class; ``per_connection``: the client timeout
+    to give each connection (a Unix socket's, which the kernel does not copy).
     """
     family, kind, proto = int(listener.family), int(listener.type), listener.proto
     accept = listener._accept  # type: ignore[attr-defined]
-    new_socket = TimedConnection if timed else socket.socket
 
-    def get_request() -> tuple[socket.socket, Any]:
-        fd, address = accept()
-        return new_socket(family, kind, proto, fileno=fd), address
+    if connection_class is socket.socket:
+
+        def get_request() -> tuple[socket.socket, Any]:
+            fd, address = accept()
+            return connection_class(family, kind, proto, fileno=fd), address
+
+        return get_request
 
     if per_connection is None:
-        return get_request
+
+        def get_request_timed() -> tuple[socket.socket, Any]:
+            fd, address = accept()
+            return connection_class(family, kind, proto, fileno=fd).start(), address
+
+        return get_request_timed
+
     value, level = timeval(per_connection), socket.SOL_SOCKET
     receive, send = socket.SO_RCVTIMEO, socket.SO_SNDTIMEO
 
     def get_request_unix() -> tuple[socket.socket, Any]:
         fd, address = accept()
-        connection = new_socket(family, kind, proto, fileno=fd)
+        connection = connection_class(family, kind, proto, fileno=fd).start()
         connection.setsockopt(level, receive, value)
         connection.setsockopt(level, send, value)
         return connection, address

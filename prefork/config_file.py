@@ -1,0 +1,126 @@
+"""Config files: the settings a TOML file holds, and the settings as a file would hold them.
+
+``--config FILE``, or ``[tool.prefork]`` in ./pyproject.toml, keyed by the options' long
+names with underscores. Read with ``paths.read_small_file`` (the master may be root and
+the file in a directory others can write to): a FIFO or a huge file is refused, never
+read; every problem is one ConfigError line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import typing
+from dataclasses import fields
+from typing import Any
+
+from .config import NOT_IN_FILE, Config, file_key
+from .errors import ConfigError
+from .paths import read_small_file
+from .validate import check_type
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10
+    import tomli as tomllib
+
+
+def read_config_file(path: str, table: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Settings by field name from a TOML file (inside ``table``, e.g. tool.prefork).
+
+    Every problem is one ConfigError line naming the file, the key and what was expected.
+    """
+    data: Any = _parse_toml(path)
+    for name in table:
+        data = data.get(name, {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: {'.'.join(table)} is not a table")
+    by_key = {file_key(f): f for f in fields(Config) if f.name not in NOT_IN_FILE}
+    hints = typing.get_type_hints(Config)
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        setting_field = by_key.get(key)
+        if setting_field is None:
+            raise ConfigError(f"{path}: unknown setting {key!r}")
+        hint = hints[setting_field.name]
+        if typing.get_origin(hint) is tuple:
+            value = (value,) if isinstance(value, str) else value
+            value = tuple(value) if isinstance(value, list) else value
+        try:
+            check_type(key, value, hint)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        settings[setting_field.name] = value
+    try:
+        Config(**settings)  # ranges: "workers must be at least 1", naming the file
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return settings
+
+
+def find_config_file(given: str | None, cwd: str = ".") -> tuple[str, tuple[str, ...]] | None:
+    """The file to read and the table in it: --config, else ./pyproject.toml's [tool.prefork]."""
+    if given:
+        return given, ()
+    pyproject = os.path.join(cwd, "pyproject.toml")
+    if not os.path.exists(pyproject):
+        return None
+    try:
+        tool = _parse_toml(pyproject).get("tool", {})
+    except ConfigError:
+        # Not ours to complain about, unless it names our table: then its settings were
+        # meant for us, and starting without them would be wrong.
+        if _mentions_prefork(pyproject):
+            raise
+        return None
+    has_table = isinstance(tool, dict) and "prefork" in tool
+    return (pyproject, ("tool", "prefork")) if has_table else None
+
+
+def _mentions_prefork(path: str) -> bool:
+    try:
+        return b"prefork" in read_small_file(path)
+    except ConfigError:
+        return False
+
+
+def _parse_toml(path: str) -> dict[str, Any]:
+    """A TOML file's content; every way it can be unreadable is one ConfigError line.
+
+    Read with paths.read_small_file: the master may be root and the file in a directory
+    others can write to, so a FIFO or a huge file planted there is refused, not read.
+    """
+    try:
+        text = read_small_file(path, "config file").decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML (nested too deeply)") from None
+
+
+def to_toml(config: Config) -> str:
+    """The effective settings as a config file would write them (--print-config)."""
+    lines = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name in NOT_IN_FILE or value is None:
+            continue
+        if isinstance(value, tuple):
+            text = "[" + ", ".join(_toml_str(v) for v in value) + "]"
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = _toml_str(value)
+        else:
+            text = repr(value)
+        lines.append(f"{file_key(f)} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value)  # JSON's string escapes are TOML's basic-string escapes
