@@ -31,7 +31,7 @@ from .escape import printable
 from .identity import Identity, file_owner, parse_mode
 from .mixin import PreForkMixIn
 from .paths import changeable_by_others
-from .process import Pidfile
+from .process import Pidfile, reaps_orphans
 from .signals import MASTER_SIGNALS, SignalRoute, Wakeup, unblock_all
 from .systemd import take_listen_fds
 from .target import Target, add_cwd_to_path, import_stdlib, module_source
@@ -232,13 +232,15 @@ def serve(
             loader=None if config.preload else start.app.loader(start.app_dir),
             handover=handover,
             settings=CliSettings(given, started_in),
+            reap_orphans=reaps_orphans(),
+            close_listeners_on_stop=True,
         )
         arbiter.run()
     except PreforkError as exc:
         raise StartupError(str(exc)) from None
     finally:
         # A HUP may have added binds, or left removed ones not yet closed.
-        every = servers if arbiter is None else [*arbiter.servers, *arbiter.retiring]
+        every = servers if arbiter is None else arbiter.servers
         for server in {id(s): s for s in [*servers, *every]}.values():
             server.server_close()
         if pidfile:

@@ -140,6 +140,18 @@ class Heartbeat:
         client = self._map[_CLIENT_OFFSET : _CLIENT_OFFSET + length].decode("utf-8", "replace")
         return max(0.0, time.monotonic() - started), printable(client)
 
+    def reading(self) -> tuple[float | None, float | None]:
+        """(last beat, start of the request in progress) as far as they can be believed;
+        a beat of None: the page holds an impossible time (its worker counts as stuck)."""
+        now = time.monotonic()
+        (beat,) = _BEAT.unpack_from(self._map, 0)
+        started = _REQUEST.unpack_from(self._map, _REQUEST_OFFSET)[0]
+        if not believable(beat, self._born, now):
+            return None, None
+        if started and not believable(started, self._born, now):
+            return None, None
+        return beat, started or None
+
     def _time(self, value: float) -> float | None:
         return value if believable(value, self._born, time.monotonic()) else None
 

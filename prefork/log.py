@@ -14,6 +14,7 @@ reopen.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -151,6 +152,16 @@ def reopen(eagerly: bool = False) -> bool:
                 handler.ensure_open()
             reopened = True
     return reopened
+
+
+def descriptors() -> set[int]:
+    """The descriptors the prefork loggers write to (a worker keeps them)."""
+    fds = set()
+    for handler in logging.getLogger(_LOGGER).handlers:
+        stream = getattr(handler, "stream", None)
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            fds.add(stream.fileno())  # type: ignore[union-attr]
+    return fds
 
 
 def stack_stream() -> IO[str]:

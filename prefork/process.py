@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import functools
 import os
+import signal
+import sys
 
 import psutil
 import setproctitle
@@ -18,6 +24,65 @@ def set_title(title: str) -> None:
 
 def get_title() -> str:
     return str(setproctitle.getproctitle())
+
+
+_PR_SET_PDEATHSIG, _PR_GET_CHILD_SUBREAPER = 1, 37
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def die_with_parent(parent: int) -> None:
+    """The kernel kills this process (SIGKILL) when its parent dies, whatever it is doing
+    (importing the app, blocked in a handler, waiting for a child); and it leaves now if
+    its parent is already gone (the parent died before the request could be made).
+    Again after a change of user: the kernel forgets the request then."""
+    if sys.platform.startswith("linux"):
+        _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def reaps_orphans() -> bool:
+    """Orphans are re-parented to this process: it is PID 1 (of a container, say) or a
+    child subreaper."""
+    if os.getpid() == 1:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    flag = ctypes.c_int(0)
+    _libc().prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0)
+    return bool(flag.value)
+
+
+def open_descriptors() -> set[int]:
+    """The descriptors this process has open."""
+    with os.scandir("/proc/self/fd") as entries:
+        listed = {int(entry.name) for entry in entries}
+    return {fd for fd in listed if _is_open(fd)}  # less the one the listing used
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def close_all_but(keep: set[int]) -> None:
+    """Close every descriptor of this process that is not in ``keep``."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:  # no /proc: every number up to the limit
+        names = [str(fd) for fd in range(3, os.sysconf("SC_OPEN_MAX"))]
+    for name in names:
+        fd = int(name)
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def describe_exit(code: int) -> str:

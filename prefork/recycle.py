@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import psutil
 
-from .worker_process import WorkerProcess
+from .lifecycle import WorkerProcess
 
 log = logging.getLogger("prefork.arbiter")
 
@@ -53,7 +53,7 @@ class Recycler:
             old, successor = self._current
             if successor.pid not in workers:  # it failed to boot: try again after backoff
                 self._current = None
-                if old.pid in workers and not old.stop_sent:
+                if old.pid in workers and old.live:
                     self._queue.insert(0, old)
             elif successor.ready:
                 log.info(
@@ -67,9 +67,7 @@ class Recycler:
             return
         # Forget workers that left or were stopped meanwhile (reload, TTOU, stop).
         self._queue = [
-            w
-            for w in self._queue
-            if w.pid in workers and not w.stop_sent and w.generation == generation
+            w for w in self._queue if w.pid in workers and w.live and w.generation == generation
         ]
         if self._queue and self._may_start(self._queue[0].nr):
             old = self._queue.pop(0)
@@ -81,7 +79,7 @@ class Recycler:
         """Queue every ready worker whose resident memory is over ``limit_mb``."""
         self.next_memory_check = time.monotonic() + MEMORY_CHECK_INTERVAL
         for worker in workers:
-            if not worker.ready or worker.stop_sent or self.busy(worker):
+            if not worker.ready or not worker.live or self.busy(worker):
                 continue
             try:
                 rss = psutil.Process(worker.pid).memory_info().rss

@@ -30,6 +30,9 @@ from typing import Any
 
 from .heartbeat import MEMFD_NAME as WORKER_MEMFD_NAME
 from .heartbeat import PAGE_SIZE, WorkerPage
+from .listeners import describe_address
+from .version import __version__
+from .workers import worker_model
 
 MASTER_MEMFD_NAME = "prefork-master"
 _SEQUENCE = struct.Struct("Q")
@@ -84,6 +87,38 @@ class MasterPage:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def master_facts(arbiter: Any, board: int, served_by_exited: int, ready: bool) -> dict[str, Any]:
+    """What the master page says of ``arbiter`` (an Arbiter) now."""
+    pool, generations = arbiter.pool, arbiter.generations
+    serving, starting = generations.serving, generations.starting
+    if pool.stopping:
+        state = "stopping"
+    elif starting is not None:
+        state = "reloading"
+    else:
+        state = "serving" if ready else "starting"
+    return {
+        "board": board,
+        "pid": os.getpid(),
+        "name": arbiter.name,
+        "version": __version__,
+        "state": state,
+        "generation": serving.number,
+        "reloading": starting.number if starting is not None else None,
+        "workers": serving.size,
+        "worker_class": worker_model(serving.servers[0]),
+        "binds": [describe_address(s) for s in serving.servers],
+        "served_by_exited": served_by_exited,
+        # Which pages are whose, by the master's own records: a worker can write
+        # anything into its page, its pid included.
+        "pages": [
+            [w.pid, w.nr, w.generation, w.heartbeat.fileno()]
+            for w in pool.workers.values()
+            if w.heartbeat is not None
+        ],
+    }
 
 
 @dataclass

@@ -16,10 +16,14 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, MutableMapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from . import signals
+from .heartbeat import Heartbeat
+from .lifecycle import State, Timeouts, WorkerProcess
 from .systemd import LISTEN_FDS_START
 
 log = logging.getLogger("prefork.upgrade")
@@ -43,6 +47,9 @@ class AdoptedWorker:
     heartbeat_fd: int = -1  # its status page (-1: an image that did not hand one over)
     max_requests: int = 0  # its --max-requests with jitter, so its RETIRE is honoured
     watches_code: bool = False  # the --reload watcher, so its RELOAD is honoured
+    ready: bool = True  # it had reported ready
+    state: str = "serving"  # lifecycle.State's value: a stopping worker stays stopping
+    remaining: float | None = None  # seconds left of its state's deadline, if it has one
 
 
 @dataclass
@@ -60,15 +67,23 @@ class Handover:
     binds: list[str] = field(default_factory=list)  # per socket: the --bind it came from
     board: int = 0  # the status pages' id, which adopted workers' pages carry
     served_by_exited: int = 0  # requests served by workers gone before the upgrade
+    newest: int = 0  # the highest generation number given: numbers never repeat
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> Handover:
-        data = json.loads(text)
-        data["workers"] = [AdoptedWorker(**w) for w in data["workers"]]
+        """Fields this version does not know are left out, and missing ones take their
+        defaults: another version of prefork may be on the other side."""
+        data = _known(cls, json.loads(text))
+        data["workers"] = [AdoptedWorker(**_known(AdoptedWorker, w)) for w in data["workers"]]
         return cls(**data)
+
+
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {key: value for key, value in data.items() if key in names}
 
 
 def take_handover(environ: MutableMapping[str, str] | None = None) -> Handover | None:
@@ -140,6 +155,91 @@ class Upgrader:
             except OSError:
                 undo()
                 raise
+
+
+class Upgrade:
+    """USR2 for the arbiter: check, hand over, re-execute; and the adoption on the other
+    side. (A collaborator of the arbiter: it reads the pool and the generations, and
+    changes nothing of them unless the exec fails, when it changes nothing at all.)"""
+
+    def __init__(self, upgrader: Upgrader) -> None:
+        self.upgrader = upgrader
+
+    def reexec(self, arbiter: Any, master_r: int, master_w: int, slots: Any) -> None:
+        serving = arbiter.generations.serving
+        problem = self.upgrader.check()
+        if problem:
+            log.error("upgrade abandoned, still serving generation %d: %s", serving.number, problem)
+            arbiter.notify.status(
+                f"serving generation {serving.number} (upgrade refused: {problem})"
+            )
+            return
+        arbiter.notify.reloading("upgrading the master in place")
+        log.info("upgrading: re-executing the master in place (pid %d)", os.getpid())
+        now = time.monotonic()
+        workers = [w for w in arbiter.pool.workers.values() if w.state.value != "killed"]
+        servers = serving.servers
+        handover = Handover(
+            generation=serving.number,
+            master_r=master_r,
+            master_w=master_w,
+            workers=[
+                AdoptedWorker(
+                    w.pid,
+                    w.nr,
+                    w.generation,
+                    w.status_fd,
+                    w.heartbeat.fileno() if w.heartbeat else -1,
+                    w.max_requests,
+                    w.watches_code,
+                    w.ready,
+                    w.state.value,
+                    None if w.deadline is None else max(0.0, w.deadline - now),
+                )
+                for w in workers
+            ],
+            board=arbiter._board,
+            served_by_exited=arbiter._served_by_exited,
+            unlink=[s._prefork_unlink[1] if s._prefork_unlink else "" for s in servers],
+            slot_sockets=slots.export(servers),
+            binds=[getattr(s, "prefork_bind", None) or "" for s in servers],
+            newest=arbiter.generations.newest,
+        )
+        extra = [master_r, master_w] + [w.status_fd for w in handover.workers]
+        extra += [w.heartbeat_fd for w in handover.workers if w.heartbeat_fd >= 0]
+        extra += [fd for fds in handover.slot_sockets.values() for fd in fds if fd >= 0]
+        try:
+            self.upgrader.execute(handover, [s.socket.fileno() for s in servers], extra)
+        except OSError as exc:
+            log.error("upgrade abandoned, cannot re-execute: %s", exc)
+            arbiter.notify.ready(f"serving with {serving.size} workers (upgrade failed)")
+
+    @staticmethod
+    def adopted(handover: Handover, timeouts: Timeouts, now: float) -> list[WorkerProcess]:
+        """The previous image's workers, as records of this one, each in the state it
+        was in with what was left of its deadline."""
+        adopted = []
+        for old in handover.workers:
+            heartbeat = Heartbeat(old.heartbeat_fd) if old.heartbeat_fd >= 0 else None
+            try:
+                state = State(old.state)
+            except ValueError:
+                state = State.SERVING
+            worker = WorkerProcess(
+                old.nr,
+                old.pid,
+                old.generation,
+                old.status_fd,
+                heartbeat,
+                now,
+                timeouts,
+                state=state,
+                ready=old.ready,
+                deadline=None if old.remaining is None else now + old.remaining,
+            )
+            worker.max_requests, worker.watches_code = old.max_requests, old.watches_code
+            adopted.append(worker)
+        return adopted
 
 
 def _place_at_listen_fds(fds: list[int]) -> Callable[[], None]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socketserver
 from typing import Any
 
-from .base import Worker, WorkerSpec
+from .base import Worker, WorkerPlan, WorkerSpec
 from .fork import ForkWorker
 from .sync import SyncWorker
 from .thread import ThreadWorker
@@ -34,10 +34,10 @@ def worker_model(server: Any) -> str:
     return "sync"
 
 
-def make_worker(spec: WorkerSpec, threads: int) -> Worker:
-    model = worker_model(spec.servers[0])
+def make_worker(spec: WorkerSpec) -> Worker:
+    model = worker_model(spec.plan.servers[0])
     if model == "thread":
-        return ThreadWorker(spec, threads)
+        return ThreadWorker(spec, spec.plan.threads)
     return WORKER_CLASSES[model](spec)
 
 
@@ -47,6 +47,7 @@ __all__ = [
     "SyncWorker",
     "ThreadWorker",
     "Worker",
+    "WorkerPlan",
     "WorkerSpec",
     "WORKER_CLASSES",
     "make_worker",

@@ -33,7 +33,7 @@ from ..access import AccessLog
 from ..errors import EXIT_BOOT_ERROR, EXIT_IMPORT_ERROR, EXIT_OK, AppImportError, PreforkError
 from ..heartbeat import Heartbeat
 from ..identity import Identity
-from ..process import set_title
+from ..process import close_all_but, die_with_parent, set_title
 from ..worker_process import WorkerInfo
 from . import connection
 from .poller import Poller
@@ -55,34 +55,48 @@ def _dump_stack_to_log_on_signal() -> None:
 
 
 ACCEPT_BATCH = 64  # most requests served from one socket between two selects
+DRAIN_MAX = 5.0  # seconds the final stop's drain may take at most
 READY = b"R"  # status pipe: booted, accepting
 RELOAD = b"H"  # status pipe: --reload saw the app's code change
 RETIRE = b"M"  # status pipe: served --max-requests, please start my successor
 BOOT_ERROR = b"E"  # status pipe: followed by a one-line cause, then the worker exits
 
 
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What every worker of a generation is handed alike."""
+
+    servers: list[Any]  # PreForkMixIn instances
+    name: str
+    master_pid: int  # a worker whose parent is not this one leaves at once
+    master_fd: int  # read end of a pipe only the master writes to: EOF = master died
+    poll_interval: float = 0.5
+    loader: Loader | None = None
+    identity: Identity | None = None  # --user/--group: who to become before serving
+    request_timeout: float = 0.0  # fork workers: kill a connection child running longer
+    graceful_timeout: float = 30.0  # the final drain ends well inside it
+    threads: int = 16  # thread workers: connections served at once
+    access_log: str | None = None  # path, "-" for stderr; None: no access log
+    log_format: str = "text"
+
+
 @dataclass
 class WorkerSpec:
-    """What the master hands a worker across the fork."""
+    """What the master hands one worker across the fork: its plan, and its own."""
 
     nr: int
     generation: int
-    servers: list[Any]  # PreForkMixIn instances
+    plan: WorkerPlan
     sockets: list[socket.socket | None]  # per server: this worker's own socket, if any
     heartbeat: Heartbeat
     status_fd: int  # write end: READY, or BOOT_ERROR + message; EOF when we are gone
-    master_fd: int  # read end of a pipe only the master writes to: EOF = master died
-    poll_interval: float
-    max_requests: int  # with its jitter drawn; 0: never ask to be recycled
-    name: str
-    request_timeout: float = 0.0  # fork workers: kill a connection child running longer
-    loader: Loader | None = None
-    inherited_fds: list[int] = field(default_factory=list)  # the master's, closed at boot
-    inherited_pages: list[Heartbeat] = field(default_factory=list)  # siblings', unmapped at boot
-    access_log: str | None = None  # path, "-" for stderr; None: no access log
-    identity: Identity | None = None  # --user/--group: who to become before serving
+    max_requests: int = 0  # with its jitter drawn; 0: never ask to be recycled
     watch_code: bool = False  # --reload, in slot 1: ask for a reload when the app changes
-    log_format: str = "text"
+    # The descriptors it keeps, besides stdio, the log and its own: everything else
+    # (the master's pipes, pages, selector, other slots' and generations' sockets) is
+    # closed at boot. An allow-list: what the master opens later cannot leak.
+    keep_fds: frozenset[int] = frozenset()
+    sibling_pages: list[Heartbeat] = field(default_factory=list)  # unmapped at boot
 
 
 class Worker:
@@ -93,10 +107,13 @@ class Worker:
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
-        self.servers = spec.servers
+        self.plan = spec.plan
+        self.servers = spec.plan.servers
         self.requests = 0
         self.alive = True  # False: stop accepting, finish what was accepted
         self.draining = False  # final stop: serve what the kernel has queued, then stop
+        self._drain_left: dict[int, int | None] = {}  # per server: connections still to serve
+        self._drain_until = 0.0
         self.wakeup = signals.Wakeup()
         self.poller = Poller()
         self._accepting = False
@@ -108,6 +125,7 @@ class Worker:
     def run(self) -> NoReturn:
         code = EXIT_OK
         try:
+            die_with_parent(self.plan.master_pid)  # first: a master killed now takes us too
             self.boot()
         except AppImportError as exc:
             code = self._report_boot_error(exc, EXIT_IMPORT_ERROR)
@@ -131,15 +149,14 @@ class Worker:
 
     def boot(self) -> None:
         """Set up signals, sockets and the app; then tell the master we are ready."""
-        spec = self.spec
-        for fd in spec.inherited_fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        for page in spec.inherited_pages:
+        spec, plan = self.spec, self.plan
+        for page in spec.sibling_pages:
             page.close()
         spec.heartbeat.release_fd()  # the mapping stays; status readers use the master's fd
-        if spec.identity is not None:
-            spec.identity.switch()  # before any hook or app code; failing, we never serve
+        close_all_but(self._descriptors_to_keep())
+        if plan.identity is not None:
+            plan.identity.switch()  # before any hook or app code; failing, we never serve
+            die_with_parent(plan.master_pid)  # the kernel forgets it at a change of user
         prefork_log.set_slot(f"worker {spec.nr}")
         for signum in _HANDLED:
             signal.signal(signum, self.wakeup.handler)
@@ -149,16 +166,16 @@ class Worker:
         signals.wake_on_any_thread(self.wakeup)  # the sync worker has a watcher thread
         _dump_stack_to_log_on_signal()
         signals.unblock_all()  # the master blocked them around fork()
-        set_title(f"prefork: worker {spec.nr} [{spec.name}]")
+        set_title(f"prefork: worker {spec.nr} [{plan.name}]")
         self.servers[0].post_fork(self.info)
-        if spec.loader is not None:
-            handler_class = spec.loader()
+        if plan.loader is not None:
+            handler_class = plan.loader()
             for server in self.servers:
                 server.RequestHandlerClass = handler_class
         if spec.watch_code:
             reloader.start_watching(reloader.module_files(), self._code_changed)
-        if spec.access_log:
-            self.access = AccessLog(spec.access_log, spec.log_format, spec.nr)
+        if plan.access_log:
+            self.access = AccessLog(plan.access_log, plan.log_format, spec.nr)
             for server in self.servers:  # an instance attribute: no cost when off
                 server.finish_request = self.access.wrap(server.finish_request)
         for server, own in zip(self.servers, spec.sockets, strict=True):
@@ -169,9 +186,18 @@ class Worker:
                 self._timed[server] = time.monotonic()
             connection.prepare(server)
         self.poller.register(self.wakeup.read_fd, self._on_wakeup)
-        self.poller.register(spec.master_fd, self._on_master_gone)
+        self.poller.register(plan.master_fd, self._on_master_gone)
         self.resume_accepting()
         os.write(spec.status_fd, READY)
+
+    def _descriptors_to_keep(self) -> set[int]:
+        spec = self.spec
+        keep = {0, 1, 2, spec.status_fd, self.plan.master_fd, *spec.keep_fds}
+        keep |= {self.wakeup.read_fd, self.wakeup.write_fd, self.poller.fileno()}
+        keep |= {s.socket.fileno() for s in self.servers}
+        keep |= {sock.fileno() for sock in spec.sockets if sock is not None}
+        keep |= prefork_log.descriptors()
+        return keep
 
     def _code_changed(self, paths: set[str]) -> None:
         """The reloader's thread: one line, then the master reloads as on HUP."""
@@ -293,9 +319,18 @@ class Worker:
             self._accepting = True
 
     def stop_accepting(self) -> None:
-        """Graceful stop: no new requests; the loop ends once in-flight ones are done."""
+        """Graceful stop: no new requests; the loop ends once in-flight ones are done.
+
+        The worker's own copies of its stream listeners are closed: once the master has
+        closed its own (a final stop of ``prefork run``), the last worker to close makes
+        the kernel refuse new connections instead of queueing them to be reset. (A
+        datagram socket stays: handlers answer through it.)"""
         self.pause_accepting()
         self.alive = False
+        self.draining = False
+        for server in self.servers:
+            if server.socket.type == socket.SOCK_STREAM:
+                server.socket.close()
 
     # -- control events --------------------------------------------------------------------
     def _on_wakeup(self) -> None:
@@ -303,7 +338,7 @@ class Worker:
         while self.wakeup.pending:
             signum = self.wakeup.pending.popleft()
             if signum == signal.SIGTERM and self.spec.heartbeat.drain_requested():
-                self.draining = True  # the final stop: leave nothing queued to be reset
+                self._start_drain()  # the final stop: leave nothing queued to be reset
             elif signum == signal.SIGTERM:
                 self.stop_accepting()  # retired: siblings serve the queue
             elif signum in (signal.SIGQUIT, signal.SIGINT):
@@ -315,29 +350,47 @@ class Worker:
                     _dump_stack_to_log_on_signal()
                     log.debug("worker %d (pid %d) reopened its log file", self.spec.nr, os.getpid())
 
-    def _drain_backlog(self) -> None:
-        """Serve what the kernel already queued; stop accepting once every queue is empty.
+    def _start_drain(self) -> None:
+        """The final stop: serve what was queued when it began, then stop accepting.
 
-        At its capacity a thread or fork worker comes back on a later turn.
-        """
-        emptied = True
-        for server in self.servers:
-            while self.draining:
-                if not self.has_capacity():
-                    emptied = False
-                    break
+        Only what was queued then: under sustained load a queue is never empty, and
+        serving until it is would run into --graceful-timeout and a SIGKILL. A TCP
+        listener says how many connections wait (TCP_INFO); other sockets are served
+        until they are empty. Either way the drain ends by DRAIN_MAX, or half the
+        graceful timeout if less."""
+        if self.draining or not self.alive:
+            return
+        self.draining = True
+        self.pause_accepting()  # from now on only the drain accepts, counting
+        self._drain_left = {id(s): queued_connections(s.socket) for s in self.servers}
+        budget = min(DRAIN_MAX, self.plan.graceful_timeout / 2)
+        self._drain_until = time.monotonic() + budget
+
+    def _drain_backlog(self) -> None:
+        """Serve the queue noted by ``_start_drain``; stop accepting once it is served, or
+        empty, or the drain's time is up. At its capacity a thread or fork worker comes
+        back on a later turn; a signal (QUIT) is dispatched first."""
+        pending, left = self.wakeup.pending, self._drain_left
+        done = time.monotonic() >= self._drain_until
+        for server in self.servers if not done else ():
+            while left.get(id(server)) != 0:
+                if pending or not self.has_capacity():
+                    return  # back after the signal, or once a thread or child is free
+                remaining = left.get(id(server))
                 if not self.serve_one(server):
-                    break  # EAGAIN: this socket's queue is empty
-        if emptied and self.draining:
-            self.draining = False
-            self.stop_accepting()
+                    left[id(server)] = 0  # EAGAIN: this socket's queue is empty
+                elif remaining is not None:
+                    left[id(server)] = remaining - 1
+                if time.monotonic() >= self._drain_until:
+                    break
+        self.stop_accepting()
 
     def _on_master_gone(self) -> None:
         log.warning("worker %d (pid %d): the master is gone; exiting", self.spec.nr, os.getpid())
         self.quit_now()
 
     def _select_timeout(self) -> float:
-        timeout = self.spec.poll_interval
+        timeout = self.plan.poll_interval
         if self._timed:
             now = time.monotonic()
             for server, since in self._timed.items():
@@ -350,3 +403,20 @@ class Worker:
             if now - since >= server.timeout:
                 server.handle_timeout()
                 self._timed[server] = now
+
+
+_TCP_INFO_UNACKED = 24  # offset of tcpi_unacked: a listener's accept queue length
+
+
+def queued_connections(listener: socket.socket) -> int | None:
+    """How many connections wait in a TCP listener's accept queue; None for a socket
+    that does not say (Unix, UDP)."""
+    if listener.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    if listener.type != socket.SOCK_STREAM:
+        return None
+    try:
+        info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return None
+    return int.from_bytes(info[_TCP_INFO_UNACKED : _TCP_INFO_UNACKED + 4], sys.byteorder)

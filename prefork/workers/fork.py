@@ -9,30 +9,26 @@ worker never leaves connection children behind.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import signal
-import sys
 import time
 from typing import Any, NoReturn
 
 from ..heartbeat import describe_client
-from ..process import set_title
+from ..process import die_with_parent, set_title
 from .base import Worker, WorkerSpec, log
-
-_PR_SET_PDEATHSIG = 1
 
 
 class ForkWorker(Worker):
     def __init__(self, spec: WorkerSpec) -> None:
         super().__init__(spec)
         self._children: dict[int, tuple[float, str]] = {}  # pid -> (started, client)
+        self.pid = os.getpid()
 
     def process(self, server: Any, request: Any, client_address: Any) -> None:
         before = set(server.active_children or ())
         server.process_request(request, client_address)  # forks the connection child
-        if self.spec.request_timeout:
+        if self.plan.request_timeout:
             started, client = time.monotonic(), describe_client(client_address)
             for pid in set(server.active_children or ()) - before:
                 self._children[pid] = (started, client)
@@ -44,7 +40,7 @@ class ForkWorker(Worker):
         self.spec.heartbeat.set_active(sum(len(s.active_children or ()) for s in self.servers))
         if not self._children:
             return
-        now, timeout = time.monotonic(), self.spec.request_timeout
+        now, timeout = time.monotonic(), self.plan.request_timeout
         running = set().union(*(s.active_children or () for s in self.servers))
         for pid, (started, client) in list(self._children.items()):
             if pid not in running:
@@ -84,7 +80,7 @@ class ForkWorker(Worker):
         super().quit_now()
 
     def _in_connection_child(self) -> None:
-        set_title(f"prefork: connection child [{self.spec.name}]")  # not a worker: no such word
+        set_title(f"prefork: connection child [{self.plan.name}]")  # not a worker: no such word
         for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the worker's pipe is not ours
@@ -94,11 +90,4 @@ class ForkWorker(Worker):
                 os.close(fd)
         if self.access is not None:
             self.access.direct = True  # it exits right after its request
-        _die_with_parent()
-
-
-def _die_with_parent() -> None:
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        die_with_parent(self.pid)

@@ -47,5 +47,8 @@ class Poller:
         callbacks = self._callbacks
         return [callbacks[fd] for fd, _ in self._epoll.poll(timeout) if fd in callbacks]
 
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
     def close(self) -> None:
         self._epoll.close()

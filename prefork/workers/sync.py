@@ -22,7 +22,7 @@ class SyncWorker(Worker):
 
     def _exit_when_master_dies(self) -> None:
         try:
-            while os.read(self.spec.master_fd, 1):
+            while os.read(self.plan.master_fd, 1):
                 pass  # the master never writes; this only returns at EOF
         except OSError:
             pass
