@@ -34,35 +34,27 @@ from . import log as prefork_log
 from . import signals
 from .access import prepare_access_log
 from .config import Config
-from .errors import EXIT_BOOT_ERROR, BootError, PreforkError
-from .escape import printable
+from .errors import BootError, PreforkError
 from .generations import Generation, Generations
-from .heartbeat import READY as PAGE_READY
 from .heartbeat import STOPPING as PAGE_STOPPING
-from .heartbeat import Heartbeat
 from .identity import Identity, file_owner
-from .lifecycle import Reading, State, WorkerProcess
+from .lifecycle import Reading, WorkerProcess
 from .listeners import SlotSockets, describe_address
 from .pool import Pool
-from .process import describe_exit, get_title, open_descriptors, set_title
+from .process import describe_exit, get_title, set_title
 from .reconfigure import Reconfigurer, next_settings
 from .recycle import Recycler
+from .spawner import Spawner
 from .statuspage import MasterPage, master_facts
+from .statuspipe import StatusPipes
 from .supervision import ErrorReport, ensure_descriptors, warn_about_timeouts
 from .systemd import Notifier
 from .upgrade import Handover, Upgrade, Upgrader
 from .version import __version__
-from .worker_process import WorkerInfo
-from .workers import make_worker, worker_model
+from .workers import worker_model
 from .workers.base import (
-    BOOT_ERROR,
-    READY,
-    RELOAD,
-    RETIRE,
     STACK_DUMP_SIGNAL,
     Loader,
-    WorkerPlan,
-    WorkerSpec,
 )
 
 log = logging.getLogger("prefork.arbiter")
@@ -72,8 +64,6 @@ SHUTDOWN_CALLED = -1  # queued like a signal by shutdown() from another thread
 # are simply slept towards in steps: select() cannot take a timeout of 30 days.
 MAX_SLEEP = 10.0
 LOOP_ERROR_PAUSE = 0.1  # after a failed turn of the loop: a persistent failure cannot spin
-UNEXPECTED_LIMIT = 100  # status-pipe messages out of protocol before the worker is killed
-BOOT_ERROR_MAX = 500  # characters of a worker's boot error that reach the log
 
 
 class Arbiter:
@@ -106,7 +96,7 @@ class Arbiter:
         )
         self.generations = Generations(first, newest=handover.newest if handover else 0)
         self.pool = Pool(self, self.generations)
-        self.name, self.loader = name, loader
+        self.name = name
         self.notify = Notifier()
         self._route = route or signals.SignalRoute(signals.Wakeup(), signals.MASTER_SIGNALS)
         self._wakeup = self._route.wakeup
@@ -125,10 +115,16 @@ class Arbiter:
             ),
         )
         self._master_r = self._master_w = -1
-        self._plans: dict[int, WorkerPlan] = {}
-        self._host_fds: frozenset[int] = frozenset()
         # prefork status: this master's facts; workers' pages are their heartbeats
         self._board = handover.board if handover and handover.board else random.getrandbits(31)
+        self._spawner = Spawner(
+            self._slots,
+            name,
+            loader,
+            self._board,
+            pre_fork=partial(self._hook, "pre_fork"),
+            siblings=lambda: self.pool.workers.values(),
+        )
         self._served_by_exited = handover.served_by_exited if handover else 0
         self._status_page: MasterPage | None = None
         self._status_key: tuple[Any, ...] = ()
@@ -136,6 +132,13 @@ class Arbiter:
         self._poll_interval = 0.5
         self._next_watchdog = 0.0
         self._loop_errors = ErrorReport(log)
+        self._status = StatusPipes(
+            self.pool,
+            self._selector,
+            reload=self.reload,
+            recycle=self._recycler.request,
+            reloading=lambda: bool(self.config.reload),
+        )
         Identity.resolve(config.user, config.group)  # an unknown user fails here, not at a fork
         self._handlers: dict[int, Callable[[], None]] = {
             signal.SIGTERM: partial(self.stop, graceful=True),
@@ -175,7 +178,8 @@ class Arbiter:
             self._adopt(self._handover)
         else:
             self._master_r, self._master_w = os.pipe()
-        self._host_fds = self._descriptors_of_the_host()
+        self._spawner.master_fd, self._spawner.poll_interval = self._master_r, poll_interval
+        self._spawner.note_host_descriptors(self._prefork_descriptors())
         serving = self.generations.serving
         log.info(
             "prefork %s master (pid %d) serving %s with %d %s workers",
@@ -247,7 +251,7 @@ class Arbiter:
             if key.fd == self._wakeup.read_fd:
                 self._wakeup.drain()
             else:
-                self._read_status(key.data)
+                self._status.read(key.data)
 
     def _seconds_to_next_deadline(self) -> float | None:
         """Until the nearest deadline the loop will act on in its current mode."""
@@ -283,6 +287,7 @@ class Arbiter:
             self.notify.ready(f"serving with {generations.serving.size} workers")
             self._hook("when_ready")
         pool.settle(now)
+        self._spawner.forget(self.generations.known)
         if generations.starting is None:
             if self._memory_checked() and now >= self._recycler.next_memory_check:
                 self._recycler.check_memory(pool.of(generations.serving), self.config.max_rss)
@@ -321,7 +326,7 @@ class Arbiter:
 
     def _exited(self, pid: int, status: int) -> None:
         worker = self.pool.workers[pid]
-        self._read_status(worker)  # a boot error may still sit in the pipe
+        self._status.read(worker)  # a boot error may still sit in the pipe
         with contextlib.suppress(KeyError):
             self._selector.unregister(worker.status_fd)
         os.close(worker.status_fd)
@@ -413,62 +418,9 @@ class Arbiter:
 
     # -- Effects: what the pool's decisions call for ---------------------------------------
     def fork(self, nr: int, generation: Generation, now: float) -> WorkerProcess | None:
-        plan = self._plan(generation)
-        try:
-            heartbeat = Heartbeat()
-        except OSError as exc:  # EMFILE/ENOMEM: the pool retries this slot later
-            log.error("cannot make worker %d's status page: %s", nr, exc.strerror)
-            return None
-        try:
-            status_r, status_w = os.pipe()
-        except OSError as exc:
-            heartbeat.close()
-            log.error("cannot make worker %d's status pipe: %s", nr, exc.strerror)
-            return None
-        config = generation.config
-        max_requests = config.max_requests and config.max_requests + random.randint(
-            0, config.max_requests_jitter
-        )
-        spec = WorkerSpec(
-            nr=nr,
-            generation=generation.number,
-            plan=plan,
-            sockets=self._slots.for_slot(nr, generation.servers),
-            heartbeat=heartbeat,
-            status_fd=status_w,
-            max_requests=max_requests,
-            watch_code=config.reload and nr == 1,
-            keep_fds=self._host_fds,
-            sibling_pages=[w.heartbeat for w in self.pool.workers.values() if w.heartbeat],
-        )
-        self._hook("pre_fork", WorkerInfo(nr, generation.number))
-        try:
-            # The objects the worker inherits go to the collector's permanent generation:
-            # the worker's collections never traverse them, which costs CPU on every
-            # request otherwise (measured: 190 -> 177 us per HTTP request; a bare pre-fork
-            # loop, with fewer objects, 169) and would copy their pages on write.
-            gc.freeze()
-            with signals.blocked():
-                pid = os.fork()
-                if pid == 0:
-                    try:
-                        make_worker(spec).run()  # never returns
-                    finally:
-                        os._exit(EXIT_BOOT_ERROR)  # never unwind into the master's loop
-        except OSError as exc:  # EAGAIN/ENOMEM: the pool retries this slot later
-            for fd in (status_r, status_w):
-                os.close(fd)
-            heartbeat.close()
-            log.error("cannot fork worker %d: %s", nr, exc.strerror)
-            return None
-        os.close(status_w)
-        heartbeat.identify(pid, nr, generation.number, self._board)
-        worker = WorkerProcess(
-            nr, pid, generation.number, status_r, heartbeat, now, generation.timeouts
-        )
-        worker.watches_code, worker.max_requests = spec.watch_code, max_requests
-        self._selector.register(status_r, selectors.EVENT_READ, worker)
-        log.debug("spawned worker %d (pid %d, generation %d)", nr, pid, generation.number)
+        worker = self._spawner.fork(nr, generation, now)
+        if worker is not None:
+            self._selector.register(worker.status_fd, selectors.EVENT_READ, worker)
         return worker
 
     def signal(self, worker: WorkerProcess, signum: int, drain: bool = False) -> None:
@@ -508,34 +460,8 @@ class Arbiter:
     def _generation(self, number: int) -> Generation:
         return self.generations.get(number) or self.generations.serving
 
-    def _plan(self, generation: Generation) -> WorkerPlan:
-        """What every worker of ``generation`` is handed: its settings and sockets."""
-        plan = self._plans.get(generation.number)
-        if plan is None:
-            config = generation.config
-            plan = WorkerPlan(
-                servers=generation.servers,
-                name=self.name,
-                master_pid=os.getpid(),
-                master_fd=self._master_r,
-                poll_interval=self._poll_interval,
-                loader=self.loader,
-                identity=Identity.resolve(config.user, config.group),
-                request_timeout=config.worker_timeout,
-                graceful_timeout=config.graceful_timeout,
-                threads=config.threads,
-                access_log=config.access_log,
-                log_format=config.log_format,
-            )
-            self._plans = {n: p for n, p in self._plans.items() if self.generations.get(n)}
-            self._plans[generation.number] = plan
-        return plan
-
-    def _descriptors_of_the_host(self) -> frozenset[int]:
-        """What the process had open that is not prefork's: the host's (or the app's,
-        with --preload) descriptors, which a worker inherits as any fork would. All of
-        prefork's own that a worker does not need are left out, and so is everything the
-        master opens from now on."""
+    def _prefork_descriptors(self) -> set[int]:
+        """Prefork's own descriptors at start, which no worker keeps (spawner.py)."""
         ours = {self._wakeup.read_fd, self._wakeup.write_fd, self._selector.fileno()}
         ours |= {self._master_r, self._master_w}
         ours |= {s.socket.fileno() for s in self.generations.serving.servers}
@@ -543,7 +469,7 @@ class Arbiter:
             ours.add(self._status_page.fileno())
         ours |= {w.status_fd for w in self.pool.workers.values()}
         ours |= {w.heartbeat.fileno() for w in self.pool.workers.values() if w.heartbeat}
-        return frozenset(open_descriptors() - ours)
+        return ours
 
     def _adopt(self, handover: Handover) -> None:
         """After an upgrade: take over the old image's pipe and workers, then reload."""
@@ -560,60 +486,6 @@ class Arbiter:
             handover.generation,
         )
         self.start_reload()  # and settings changed in the config file meanwhile
-
-    def _read_status(self, worker: WorkerProcess) -> None:
-        """A worker's status pipe, read as untrusted input (the app may be compromised,
-        the master may be root): each message is honoured only where the protocol
-        allows it (READY and a boot error while booting, RELOAD from the worker that
-        watches code under --reload, RETIRE under --max-requests); anything else is
-        ignored with one line, and a worker that keeps it up is killed."""
-        try:
-            data = os.read(worker.status_fd, 4096)
-        except OSError:
-            return
-        if not data:  # the worker is gone; reap_workers will collect it
-            with contextlib.suppress(KeyError):
-                self._selector.unregister(worker.status_fd)
-            return
-        if not worker.ready and data.startswith(BOOT_ERROR):
-            text = data[1:].decode("utf-8", "replace")[:BOOT_ERROR_MAX]
-            worker.boot_error = printable(" ".join(text.split()))
-            return
-        for message in data:
-            self._on_status_message(worker, bytes((message,)))
-
-    def _on_status_message(self, worker: WorkerProcess, message: bytes) -> None:
-        now = time.monotonic()
-        if message == READY and not worker.ready:
-            self.pool.ready(worker, now)
-            if worker.heartbeat:
-                worker.heartbeat.beat()
-                worker.heartbeat.set_state(PAGE_READY)
-        elif message == RELOAD and worker.ready and worker.watches_code and self.config.reload:
-            if worker.generation == self.generations.serving.number and not self.pool.stopping:
-                log.info("--reload: worker %d saw the code change; reloading", worker.nr)
-                self.reload()
-        elif message == RETIRE and worker.ready and worker.max_requests:
-            if worker.state is State.SERVING:
-                served = worker.heartbeat.requests_served() if worker.heartbeat else 0
-                self._recycler.request(worker, f"served {served} requests")
-        else:
-            worker.unexpected += 1
-            if worker.unexpected == 1:
-                log.warning(
-                    "worker %d (pid %d) wrote %r to its status pipe, which it may not; ignored",
-                    worker.nr,
-                    worker.pid,
-                    message,
-                )
-            elif worker.unexpected == UNEXPECTED_LIMIT and worker.state is not State.KILLED:
-                log.error(
-                    "worker %d (pid %d) keeps writing to its status pipe out of turn; killing it",
-                    worker.nr,
-                    worker.pid,
-                )
-                worker.enter(State.KILLED, now, None)
-                self.signal(worker, signal.SIGKILL)
 
     def _hook(self, name: str, *args: object) -> None:
         """Call a server hook in the master; one that raises is logged, never fatal."""

@@ -245,7 +245,8 @@ def serve(
             server.server_close()
         if pidfile:
             pidfile.remove()
-        route.restore()
+        # The handlers stay: the process is on its way out, and a signal now (a second
+        # TERM, a QUIT) must not kill it with a core dump instead of a clean exit.
 
 
 @cli.command()

@@ -56,6 +56,9 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                # Never wait: a listener that does not read (its queue full) must not
+                # stop the master's loop. The message is dropped instead.
+                self._sock.setblocking(False)
             self._sock.sendto("\n".join(lines).encode(), self.address)
         except OSError as exc:  # systemd gone or socket full: serving matters more
             log.debug("sd_notify to %r failed: %s", self.address, exc)
