@@ -36,10 +36,11 @@ from .access import prepare_access_log
 from .config import Config
 from .errors import BootError, PreforkError
 from .generations import Generation, Generations
+from .handover import Handover
 from .heartbeat import STOPPING as PAGE_STOPPING
 from .identity import Identity, file_owner
 from .lifecycle import Reading, WorkerProcess
-from .listeners import SlotSockets, describe_address
+from .listeners import SlotSockets, describe_address, describe_server
 from .pool import Pool
 from .process import describe_exit, get_title, set_title
 from .reconfigure import Reconfigurer, next_settings
@@ -49,7 +50,7 @@ from .statuspage import MasterPage, master_facts
 from .statuspipe import StatusPipes
 from .supervision import ErrorReport, ensure_descriptors, warn_about_timeouts
 from .systemd import Notifier
-from .upgrade import Handover, Upgrade, Upgrader
+from .upgrade import Upgrade, Upgrader
 from .version import __version__
 from .workers import worker_model
 from .workers.base import (
@@ -104,7 +105,7 @@ class Arbiter:
         self._settings, self._handover = settings, handover
         self._upgrade = Upgrade(upgrader) if upgrader else None
         self._reap_orphans, self._close_on_stop = reap_orphans, close_listeners_on_stop
-        self._slots = SlotSockets(config.backlog)
+        self.slots = SlotSockets(config.backlog)
         self._recycler = Recycler(
             spawn=lambda nr, number: self.pool.spawn(
                 nr, self._generation(number), time.monotonic()
@@ -114,18 +115,18 @@ class Arbiter:
                 (self.generations.serving.number, nr), time.monotonic()
             ),
         )
-        self._master_r = self._master_w = -1
+        self.master_pipe = (-1, -1)  # the pipe only the master writes to (never does)
         # prefork status: this master's facts; workers' pages are their heartbeats
-        self._board = handover.board if handover and handover.board else random.getrandbits(31)
+        self.board = handover.board if handover and handover.board else random.getrandbits(31)
         self._spawner = Spawner(
-            self._slots,
+            self.slots,
             name,
             loader,
-            self._board,
+            self.board,
             pre_fork=partial(self._hook, "pre_fork"),
             siblings=lambda: self.pool.workers.values(),
         )
-        self._served_by_exited = handover.served_by_exited if handover else 0
+        self.served_by_exited = handover.served_by_exited if handover else 0
         self._status_page: MasterPage | None = None
         self._status_key: tuple[Any, ...] = ()
         self._announced_ready = False
@@ -177,21 +178,23 @@ class Arbiter:
         if self._handover:
             self._adopt(self._handover)
         else:
-            self._master_r, self._master_w = os.pipe()
-        self._spawner.master_fd, self._spawner.poll_interval = self._master_r, poll_interval
+            self.master_pipe = os.pipe()
+        self._spawner.master_fd, self._spawner.poll_interval = self.master_pipe[0], poll_interval
         self._spawner.note_host_descriptors(self._prefork_descriptors())
         serving = self.generations.serving
         log.info(
             "prefork %s master (pid %d) serving %s with %d %s workers",
             __version__,
             os.getpid(),
-            ", ".join(describe_address(s) for s in serving.servers),
+            ", ".join(describe_server(s) for s in serving.servers),
             serving.size,
             worker_model(serving.servers[0]),
         )
         warn_about_timeouts(self.config, worker_model(serving.servers[0]))
         ensure_descriptors(self.config.workers, len(serving.servers))
         self._hook("on_starting")
+        if self._handover:  # on_starting first, then on_reload: the order of a start
+            self.start_reload()  # and settings changed in the config file meanwhile
         try:
             self._loop()
         finally:
@@ -232,6 +235,8 @@ class Arbiter:
         self._dispatch_signals()
         self.reap_workers()
         now = time.monotonic()
+        if self._upgrade is not None:
+            self._upgrade.poll(self, now)
         self.pool.check_deadlines(now)
         if self.pool.stopping:
             if not self.pool.workers:
@@ -257,6 +262,8 @@ class Arbiter:
         """Until the nearest deadline the loop will act on in its current mode."""
         now = time.monotonic()
         deadlines = [self.pool.next_deadline(now)]
+        if self._upgrade is not None:
+            deadlines.append(self._upgrade.deadline())
         if self.notify.watchdog_interval:
             deadlines.append(self._next_watchdog)
         if self._memory_checked():
@@ -292,7 +299,8 @@ class Arbiter:
             if self._memory_checked() and now >= self._recycler.next_memory_check:
                 self._recycler.check_memory(pool.of(generations.serving), self.config.max_rss)
             self._recycler.step(pool.workers, generations.serving.number)
-            if generations.pending:  # a HUP came during the reload that just settled
+            checking = self._upgrade is not None and self._upgrade.checking
+            if generations.pending and not checking:  # a HUP came during a reload or check
                 generations.pending = False
                 self.start_reload()
 
@@ -313,12 +321,19 @@ class Arbiter:
 
     def _reap_any(self) -> None:
         while True:
+            # Look before reaping: the upgrade's check child is subprocess's to reap.
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 return
-            if not pid:
+            if info is None:
                 return
+            pid = info.si_pid
+            check = self._upgrade.check if self._upgrade is not None else None
+            if check is not None and pid == check.pid:
+                self._upgrade.poll(self, time.monotonic())  # type: ignore[union-attr]
+                continue
+            _, status = os.waitpid(pid, os.WNOHANG)
             if pid in self.pool.workers:
                 self._exited(pid, status)
             else:
@@ -331,7 +346,7 @@ class Arbiter:
             self._selector.unregister(worker.status_fd)
         os.close(worker.status_fd)
         if worker.heartbeat:
-            self._served_by_exited += worker.heartbeat.requests_served()
+            self.served_by_exited += worker.heartbeat.requests_served()
             worker.heartbeat.close()
         self.pool.exited(pid, describe_exit(os.waitstatus_to_exitcode(status)), time.monotonic())
 
@@ -366,9 +381,11 @@ class Arbiter:
         how = "gracefully" if graceful else "now"
         log.info("stopping %s (%d workers)", how, len(self.pool.workers))
         self.notify.stopping(f"stopping {how}")
+        if self._upgrade is not None:
+            self._upgrade.cancel()  # an upgrade being checked does not happen
         self.pool.stop(graceful, time.monotonic())
         if self._close_on_stop:
-            self._slots.close_all()
+            self.slots.close_all()
             for server in self.servers:
                 with contextlib.suppress(OSError):
                     server.socket.close()  # the workers' copies close once they drained
@@ -381,6 +398,9 @@ class Arbiter:
         elif self.generations.starting is not None:
             self.generations.pending = True
             log.info("a reload is under way; reloading again once it settles")
+        elif self._upgrade is not None and self._upgrade.checking:
+            self.generations.pending = True
+            log.info("an upgrade is being checked; reloading once it is decided")
         elif self.config.preload and self._upgrade is not None:
             log.info("the app is preloaded in the master: reloading by re-executing it")
             self.reexec()
@@ -397,7 +417,7 @@ class Arbiter:
                 config, servers = next_settings(self._settings, serving)
             except PreforkError as exc:
                 log.error("reload abandoned, generation %d keeps serving: %s", serving.number, exc)
-                self.notify.ready(f"serving with {serving.size} workers (reload failed: {exc})")
+                self.notify.reload_failed(f"serving with {serving.size} workers", str(exc))
                 return
         starting = self.pool.begin_reload(config, servers, time.monotonic())
         self._hook("on_reload")
@@ -411,10 +431,12 @@ class Arbiter:
         """USR2: check the new start, then re-execute this master in place (same PID)."""
         if self._upgrade is None:
             log.warning("USR2 (upgrade in place) needs `prefork run`; ignored")
+        elif self._upgrade.checking:
+            log.warning("an upgrade is being checked already; USR2 ignored")
         elif self.pool.stopping or self.generations.starting is not None:
             log.warning("a reload or stop is already under way; USR2 ignored")
         else:
-            self._upgrade.reexec(self, self._master_r, self._master_w, self._slots)
+            self._upgrade.begin(self)
 
     # -- Effects: what the pool's decisions call for ---------------------------------------
     def fork(self, nr: int, generation: Generation, now: float) -> WorkerProcess | None:
@@ -443,18 +465,18 @@ class Arbiter:
     def close(self, servers: list[Any]) -> None:
         for server in servers:
             log.info("closing %s: no longer configured", describe_address(server))
-            self._slots.close_server(server)
+            self.slots.close_server(server)
             server.server_close()
 
     def slot_removed(self, nr: int) -> None:
-        self._slots.close_slot(nr)
+        self.slots.close_slot(nr)
 
     def reload_settled(self, generation: Generation, cause: str | None) -> None:
         serving = self.generations.serving
         if cause is None:
             self.notify.ready(f"serving with {serving.size} workers, generation {serving.number}")
         else:
-            self.notify.ready(f"serving with {serving.size} workers (reload failed: {cause})")
+            self.notify.reload_failed(f"serving with {serving.size} workers", cause)
 
     # -- helpers ----------------------------------------------------------------------------------
     def _generation(self, number: int) -> Generation:
@@ -463,7 +485,7 @@ class Arbiter:
     def _prefork_descriptors(self) -> set[int]:
         """Prefork's own descriptors at start, which no worker keeps (spawner.py)."""
         ours = {self._wakeup.read_fd, self._wakeup.write_fd, self._selector.fileno()}
-        ours |= {self._master_r, self._master_w}
+        ours |= set(self.master_pipe)
         ours |= {s.socket.fileno() for s in self.generations.serving.servers}
         if self._status_page:
             ours.add(self._status_page.fileno())
@@ -473,8 +495,8 @@ class Arbiter:
 
     def _adopt(self, handover: Handover) -> None:
         """After an upgrade: take over the old image's pipe and workers, then reload."""
-        self._master_r, self._master_w = handover.master_r, handover.master_w
-        self._slots.adopt(handover.slot_sockets, self.generations.serving.servers)
+        self.master_pipe = (handover.master_r, handover.master_w)
+        self.slots.adopt(handover.slot_sockets, self.generations.serving.servers)
         adopted = Upgrade.adopted(handover, self.generations.serving.timeouts, time.monotonic())
         for worker in adopted:
             self._selector.register(worker.status_fd, selectors.EVENT_READ, worker)
@@ -485,7 +507,6 @@ class Arbiter:
             len(adopted),
             handover.generation,
         )
-        self.start_reload()  # and settings changed in the config file meanwhile
 
     def _hook(self, name: str, *args: object) -> None:
         """Call a server hook in the master; one that raises is logged, never fatal."""
@@ -498,7 +519,7 @@ class Arbiter:
         """What `prefork status` shows of the master; written only when it changed."""
         if self._status_page is None:
             return
-        facts = master_facts(self, self._board, self._served_by_exited, self._announced_ready)
+        facts = master_facts(self, self.board, self.served_by_exited, self._announced_ready)
         key = tuple(sorted((k, str(v)) for k, v in facts.items()))
         if key != self._status_key:  # the loop turns often during a reload
             self._status_key = key
@@ -521,7 +542,7 @@ class Arbiter:
             self._status_page.close()
         self._selector.close()
         self.notify.close()
-        for fd in (self._master_r, self._master_w):
+        for fd in self.master_pipe:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._slots.close_all()
+        self.slots.close_all()

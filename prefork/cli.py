@@ -14,7 +14,7 @@ import socketserver
 import sys
 import typing
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 from typing import Any, Literal
 
 import click
@@ -24,10 +24,12 @@ from . import listeners, log, paths
 from . import status as prefork_status
 from .access import prepare_access_log
 from .arbiter import Arbiter
+from .binds import Inherited, binds_to_open
 from .config import LIBRARY_SETTINGS, Config, env_var, flag_name
 from .config_file import find_config_file, read_config_file, to_toml
 from .errors import ConfigError, PreforkError
 from .escape import printable
+from .handover import Handover, take_handover
 from .identity import Identity, file_owner, parse_mode
 from .mixin import PreForkMixIn
 from .paths import changeable_by_others
@@ -35,7 +37,7 @@ from .process import Pidfile, reaps_orphans
 from .signals import MASTER_SIGNALS, SignalRoute, Wakeup, unblock_all
 from .systemd import take_listen_fds
 from .target import Target, add_cwd_to_path, import_stdlib, module_source
-from .upgrade import Handover, Upgrader, take_handover
+from .upgrade import CHECK_LISTENERS_ENV, CHECK_REPORT_ENV, Upgrader
 from .version import __version__
 from .workers import SERVER_MIXINS
 
@@ -118,20 +120,24 @@ def run(
     """
     started_in = os.getcwd()
     handover = take_handover()  # set when this image is a USR2 upgrade of the master
-    inherited = take_listen_fds()  # systemd socket activation, or an upgrade's sockets
+    passed = take_listen_fds()  # systemd socket activation, or an upgrade's sockets
     given = given_options(ctx, options)
     try:
         if print_config:
             click.echo(to_toml(settings_from(given, started_in)), nl=False)
             return
-        start = prepare(target, given, started_in, checking=check_config)
+        inherited = _inherited(passed, handover)
+        checked_stdlib = handover.stdlib if handover else None
+        start = prepare(target, given, started_in, check_config, inherited, checked_stdlib)
         if check_config:
+            if os.environ.get(CHECK_REPORT_ENV):  # for the USR2 that runs this check
+                click.echo("\n".join(start.stdlib))
             return
         _open_logs(start.config, start.identity, upgraded=handover is not None)
         _warn_about_privileges(start.identity)
     except PreforkError as exc:
         raise StartupError(str(exc)) from None
-    serve(start, given, started_in, handover, inherited)
+    serve(start, given, started_in, handover, passed)
 
 
 @dataclass
@@ -144,16 +150,30 @@ class Start:
     identity: Identity | None
     app_dir: str
     handler: Any  # the app's handler class with --preload (imported in the master)
+    stdlib: list[str]  # the standard-library modules the app's import pulled in
 
 
-def prepare(target: str, given: dict[str, Any], started_in: str, checking: bool) -> Start:
+def prepare(
+    target: str,
+    given: dict[str, Any],
+    started_in: str,
+    checking: bool,
+    inherited: list[Inherited],
+    checked_stdlib: list[str] | None = None,
+) -> Start:
     """Read and check everything, up to the app's import; PreforkError says what is wrong.
 
     ``checking`` (--check-config): change nothing outside this process (no log file is
     made, nothing is bound), so that it can run beside the master it checks for.
+    ``inherited``: the sockets passed to this process, which are binds already.
+    ``checked_stdlib``: a USR2's check imported the app already (as the workers' user)
+    and found it needs these standard modules: the app is not imported again.
     """
     app = Target.parse(target)
-    config = settings_from(given, started_in)
+    config, explicit = read_settings(given, started_in)
+    for text in config.binds:
+        listeners.parse_bind(text)  # every bind is checked, a passed socket's included
+    config = replace(config, binds=binds_to_open(config.binds, explicit, inherited))
     specs = [listeners.parse_bind(text) for text in config.binds]
     identity = Identity.resolve(config.user, config.group)
     if config.umask is not None:
@@ -173,18 +193,38 @@ def prepare(target: str, given: dict[str, Any], started_in: str, checking: bool)
                 base = listeners.base_server_class(spec.family, spec.stream)
                 server_class(base, config, spec.family)
         server_class(base, config, socket.AF_INET)
+    stdlib: list[str] = []
     if config.preload:
         handler = app.load()  # once, in the master; workers share it copy-on-write
     else:
         # In a throwaway child: the master never imports the app, only the parts of
         # the standard library it uses, which workers then inherit (target.py).
-        import_stdlib(app.check(identity, app_dir))
+        stdlib = checked_stdlib if checked_stdlib is not None else app.check(identity, app_dir)
+        import_stdlib(stdlib)
     if checking:
         owner = file_owner(identity)
         for path, what in ((config.log_file, "log file"), (config.access_log, "access log")):
             if path and path != "-":
                 paths.check_appendable(path, owner, what)
-    return Start(app, config, specs, identity, app_dir, handler)
+    return Start(app, config, specs, identity, app_dir, handler, stdlib)
+
+
+def _inherited(passed: list[tuple[int, str]], handover: Handover | None) -> list[Inherited]:
+    """The passed sockets that are systemd's (not an upgrade's own binds), as binds.py
+    sees them; a USR2's --check-config is told how many there are (their addresses
+    do not matter there: it binds nothing)."""
+    if not passed:
+        count = os.environ.pop(CHECK_LISTENERS_ENV, "")
+        return [Inherited(-1, "", None)] * int(count) if count.isdigit() else []
+    ours = handover.binds if handover else [""] * len(passed)
+    inherited = []
+    for (fd, name), bind in zip(passed, ours, strict=True):
+        if not bind:
+            try:
+                inherited.append(Inherited.of_socket(fd, name))
+            except OSError as exc:
+                raise listeners.bind_error(f"fd://{fd}", exc) from None
+    return inherited
 
 
 def serve(
@@ -192,7 +232,7 @@ def serve(
     given: dict[str, Any],
     started_in: str,
     handover: Handover | None,
-    inherited: list[int],
+    passed: list[tuple[int, str]],
 ) -> None:
     """Bind (or adopt), write the pid file, and run the master until it stops."""
     config = start.config
@@ -208,14 +248,16 @@ def serve(
     try:
         if pidfile:
             pidfile.check(os.getpid())  # before binding: a refused start binds nothing
-        unlink = handover.unlink if handover else [""] * len(inherited)
-        binds = handover.binds if handover else [""] * len(inherited)
-        for fd, path, bind in zip(inherited, unlink, binds, strict=True):
+        unlink = handover.unlink if handover else [""] * len(passed)
+        binds = handover.binds if handover else [""] * len(passed)
+        for (fd, name), path, bind in zip(passed, unlink, binds, strict=True):
             servers.append(adopt_socket(fd, f"fd://{fd}", config, unlink=path, ours=bool(bind)))
             servers[-1].prefork_bind = bind or None  # None: systemd's, never closed by us
-        # Passed sockets replace the default address; binds the user named are added,
-        # except after an upgrade, whose passed sockets are those very binds.
-        if not handover and ("binds" in given or not inherited):
+            servers[-1].prefork_fdname = name
+        # Beside the passed sockets, the binds the settings name (start.specs has only
+        # those that are not passed sockets); after an upgrade the passed sockets are
+        # those very binds.
+        if not handover:
             servers.extend(open_server(spec, config) for spec in start.specs)
         if config.preload:
             for server in servers:
@@ -231,10 +273,11 @@ def serve(
             upgrader=upgrader,
             loader=None if config.preload else start.app.loader(start.app_dir),
             handover=handover,
-            settings=CliSettings(given, started_in),
+            settings=CliSettings(given, started_in, _inherited(passed, handover)),
             reap_orphans=reaps_orphans(),
             close_listeners_on_stop=True,
         )
+        arbiter.notify.take_environment()  # not for the workers, nor what they start
         arbiter.run()
     except PreforkError as exc:
         raise StartupError(str(exc)) from None
@@ -293,7 +336,13 @@ def status(
 
 
 def settings_from(given: dict[str, Any], cwd: str) -> Config:
-    """Command line and environment (``given``) over the config file over the defaults.
+    """Command line and environment (``given``) over the config file over the defaults."""
+    return read_settings(given, cwd)[0]
+
+
+def read_settings(given: dict[str, Any], cwd: str) -> tuple[Config, bool]:
+    """The settings, and whether binds were asked for (on the command line, in the
+    environment or in the config file) rather than left to the default.
 
     As root, a config file someone else could change is refused, at start and at every
     HUP and USR2 that reads it again: whoever writes it chooses --user, --preload and
@@ -301,7 +350,7 @@ def settings_from(given: dict[str, Any], cwd: str) -> Config:
     """
     found = find_config_file(given.get("config"), cwd)
     if found is None:
-        return Config(**given)
+        return Config(**given), "binds" in given
     path, table = found
     path = os.path.join(cwd, path)
     if os.geteuid() == 0 and (why := changeable_by_others(path)):
@@ -309,17 +358,20 @@ def settings_from(given: dict[str, Any], cwd: str) -> Config:
             f"refusing to read settings from {path} as root: {why} (a file only root "
             "can change, given with --config, is safe)"
         )
-    return Config(**{**read_config_file(path, table), **given})
+    from_file = read_config_file(path, table)
+    return Config(**{**from_file, **given}), "binds" in given or "binds" in from_file
 
 
 class CliSettings:
-    """Re-reads the settings on HUP, the same way ``prefork run`` first read them."""
+    """Re-reads the settings on HUP, the same way ``prefork run`` first read them: the
+    binds they name less the inherited sockets, which stay the binds (binds.py)."""
 
-    def __init__(self, given: dict[str, Any], cwd: str) -> None:
-        self.given, self.cwd = given, cwd
+    def __init__(self, given: dict[str, Any], cwd: str, inherited: list[Inherited]) -> None:
+        self.given, self.cwd, self.inherited = given, cwd, inherited
 
     def read(self) -> Config:
-        return settings_from(self.given, self.cwd)
+        config, explicit = read_settings(self.given, self.cwd)
+        return replace(config, binds=binds_to_open(config.binds, explicit, self.inherited))
 
     def open(self, bind: str, config: Config) -> Any:
         return open_server(listeners.parse_bind(bind), config)
@@ -384,6 +436,7 @@ def adopt_socket(fd: int, text: str, config: Config, unlink: str = "", ours: boo
     type are read from the socket. ``unlink``: a Unix socket file we own; ``ours``:
     prefork bound it (an upgrade's), so the settings apply over its options."""
     sock = listeners.inherited_socket(fd, text)
+    sock.set_inheritable(False)  # systemd's and an upgrade's come inheritable
     base = listeners.base_server_class(sock.family, sock.type == socket.SOCK_STREAM)
     cls = server_class(base, config, sock.family)
     try:

@@ -15,7 +15,6 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
-from .errors import ConfigError
 from .identity import parse_mode
 from .validate import check_range, check_text, check_type, number
 
@@ -266,8 +265,6 @@ class Config:
             check_type(f.name, value, hints[f.name])
             check_text(f.name, value)
             check_range(f.name, value, f.metadata["minimum"], f.metadata["maximum"])
-        if not self.binds:
-            raise ConfigError("binds must name at least one address")
         for name in ("umask", "socket_mode"):
             if getattr(self, name) is not None:
                 parse_mode(name, getattr(self, name))

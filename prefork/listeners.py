@@ -267,6 +267,12 @@ def describe_address(server: Any) -> str:
     return f"{kind}:@{address[1:]}" if address.startswith("\0") else f"{kind}:{address}"
 
 
+def describe_server(server: Any) -> str:
+    """describe_address, and the name systemd gave the socket (LISTEN_FDNAMES), if any."""
+    name = getattr(server, "prefork_fdname", "")
+    return f"{describe_address(server)} ({name})" if name else describe_address(server)
+
+
 class SlotSockets:
     """With --reuse-port: each worker slot's own sibling of each reuse-port socket.
 

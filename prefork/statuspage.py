@@ -30,7 +30,7 @@ from typing import Any
 
 from .heartbeat import MEMFD_NAME as WORKER_MEMFD_NAME
 from .heartbeat import PAGE_SIZE, WorkerPage
-from .listeners import describe_address
+from .listeners import describe_server
 from .version import __version__
 from .workers import worker_model
 
@@ -109,7 +109,7 @@ def master_facts(arbiter: Any, board: int, served_by_exited: int, ready: bool) -
         "reloading": starting.number if starting is not None else None,
         "workers": serving.size,
         "worker_class": worker_model(serving.servers[0]),
-        "binds": [describe_address(s) for s in serving.servers],
+        "binds": [describe_server(s) for s in serving.servers],
         "served_by_exited": served_by_exited,
         # Which pages are whose, by the master's own records: a worker can write
         # anything into its page, its pid included.

@@ -1,35 +1,48 @@
-"""USR2: re-execute the master in place (same PID), handing over sockets and workers.
+"""USR2: check the new start, then re-execute the master in place (same PID).
 
-The old image puts the listening sockets at descriptors 3, 4, ... and describes them
-with the systemd protocol (``LISTEN_FDS``/``LISTEN_PID``); everything else the new image
-needs (the master pipe, each worker's pid, slot, generation and status pipe) travels as
-inheritable descriptors named in one environment variable. The workers themselves stay
-where they are: they are children of this PID before and after ``execve``.
+1. ``prefork run ... --check-config`` runs in a child (``Check``), with the same
+   arguments, directory and environment the new image will have: every check of a
+   start, nothing bound. The master's loop goes on meanwhile (it reaps, respawns, answers
+   signals, pings the watchdog) and polls the child; a TERM during the check stops the
+   server (the check is killed), a second USR2 is ignored with a line. The check has a
+   deadline: --boot-timeout, or CHECK_TIMEOUT_DEFAULT when that is 0.
+2. A failed check changes nothing: one line in the log and in systemd's STATUS=.
+3. Otherwise the handover (handover.py) is written and the image re-executed; the new
+   image adopts the workers and starts a generation as HUP does. It does not import the
+   app again before it supervises: the check's list of the standard library it needs
+   travels in the handover.
+
+The workers stay where they are: they are children of this PID before and after
+``execve``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, MutableMapping
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Any
 
 from . import signals
+from .handover import HANDOVER_FD_ENV, AdoptedWorker, Handover, checked, write_handover
 from .heartbeat import Heartbeat
 from .lifecycle import State, Timeouts, WorkerProcess
 from .systemd import LISTEN_FDS_START
 
 log = logging.getLogger("prefork.upgrade")
 
-HANDOVER_ENV = "PREFORK_HANDOVER"
-CHECK_TIMEOUT_MAX = 86400.0  # seconds the pre-upgrade check may take, whatever the settings
+CHECK_LISTENERS_ENV = "PREFORK_CHECK_LISTENERS"  # the check: how many sockets are systemd's
+CHECK_REPORT_ENV = "PREFORK_CHECK_REPORT"  # the check: print the standard library it needs
+CHECK_TIMEOUT_DEFAULT = 600.0  # seconds the check may take with --boot-timeout 0
+CHECK_TIMEOUT_MAX = 86400.0  # and at most, whatever the settings
 
 # How the new image starts: as ``python -m prefork`` would, but without the directory
 # it starts in at the head of sys.path (``-m`` and ``-c`` put it there). That directory
@@ -38,188 +51,205 @@ CHECK_TIMEOUT_MAX = 86400.0  # seconds the pre-upgrade check may take, whatever 
 _REEXEC = "import sys; del sys.path[0]; from prefork.cli import main; main()"
 
 
-@dataclass
-class AdoptedWorker:
-    pid: int
-    nr: int
-    generation: int
-    status_fd: int
-    heartbeat_fd: int = -1  # its status page (-1: an image that did not hand one over)
-    max_requests: int = 0  # its --max-requests with jitter, so its RETIRE is honoured
-    watches_code: bool = False  # the --reload watcher, so its RELOAD is honoured
-    ready: bool = True  # it had reported ready
-    state: str = "serving"  # lifecycle.State's value: a stopping worker stays stopping
-    remaining: float | None = None  # seconds left of its state's deadline, if it has one
+@dataclass(frozen=True)
+class Outcome:
+    problem: str | None  # None: the new start would work
+    stdlib: list[str]
 
 
-@dataclass
-class Handover:
-    """What the old image tells the new one, besides the sockets at 3, 4, ..."""
+class Check:
+    """``prefork run ... --check-config`` in a child the loop polls."""
 
-    generation: int
-    master_r: int
-    master_w: int
-    workers: list[AdoptedWorker] = field(default_factory=list)
-    unlink: list[str] = field(default_factory=list)  # per socket: Unix path we own, or ""
-    # --reuse-port: each slot's own sockets (-1 where a server shares its socket), so
-    # connections queued on them survive the upgrade
-    slot_sockets: dict[str, list[int]] = field(default_factory=dict)
-    binds: list[str] = field(default_factory=list)  # per socket: the --bind it came from
-    board: int = 0  # the status pages' id, which adopted workers' pages carry
-    served_by_exited: int = 0  # requests served by workers gone before the upgrade
-    newest: int = 0  # the highest generation number given: numbers never repeat
+    def __init__(self, argv: list[str], cwd: str, timeout: float, inherited: int) -> None:
+        # Files, not pipes: nothing to drain while the child runs (closed in _done).
+        self._out: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
+        self._err: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
+        env = {**os.environ, CHECK_LISTENERS_ENV: str(inherited), CHECK_REPORT_ENV: "1"}
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _REEXEC, *argv, "--check-config"],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=self._err,
+        )
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
 
-    @classmethod
-    def from_json(cls, text: str) -> Handover:
-        """Fields this version does not know are left out, and missing ones take their
-        defaults: another version of prefork may be on the other side."""
-        data = _known(cls, json.loads(text))
-        data["workers"] = [AdoptedWorker(**_known(AdoptedWorker, w)) for w in data["workers"]]
-        return cls(**data)
+    def poll(self, now: float) -> Outcome | None:
+        """The outcome once the child has exited (or overran and was killed); None
+        while it runs."""
+        code = self._proc.poll()
+        if code is None:
+            if now < self.deadline:
+                return None
+            self.cancel()
+            return self._done(f"checking the new start took more than {self.timeout:g}s")
+        if code == 0:
+            self._out.seek(0)
+            names = self._out.read(1 << 20).decode("ascii", "replace").split()
+            return self._done(None, names)
+        self._err.seek(0)
+        lines = self._err.read(1 << 16).decode("utf-8", "replace").strip().splitlines()
+        last = lines[-1].removeprefix("Error: ") if lines else ""
+        return self._done(last or f"the check exited with status {code}")
 
+    def cancel(self) -> None:
+        with contextlib.suppress(OSError):
+            self._proc.send_signal(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired, ChildProcessError):
+            self._proc.wait(5)
 
-def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    return {key: value for key, value in data.items() if key in names}
-
-
-def take_handover(environ: MutableMapping[str, str] | None = None) -> Handover | None:
-    env = os.environ if environ is None else environ
-    text = env.pop(HANDOVER_ENV, None)
-    return Handover.from_json(text) if text else None
+    def _done(self, problem: str | None, stdlib: list[str] | None = None) -> Outcome:
+        for stream in (self._out, self._err):
+            stream.close()
+        return Outcome(problem, stdlib or [])
 
 
 class Upgrader:
-    """Checks the new image's start, then replaces this process's image."""
+    """Starts the check of the new image, and replaces this process's image."""
 
     def __init__(self, argv: list[str], cwd: str, timeout: float) -> None:
         self.argv = argv  # the arguments after "prefork", as first given
         self.cwd = cwd  # where they were given (before --chdir)
-        # subprocess cannot wait longer than select() can (about 24 days); a check that
-        # takes a day is a hung one.
-        self.timeout = min(timeout, CHECK_TIMEOUT_MAX) if timeout else CHECK_TIMEOUT_MAX
+        self.timeout = min(timeout or CHECK_TIMEOUT_DEFAULT, CHECK_TIMEOUT_MAX)
 
-    def check(self) -> str | None:
-        """Run the new image's start up to its binds, ``prefork run ... --check-config``,
-        in a fresh interpreter, as the new image would run it (same arguments, directory,
-        environment and prefork): the config file, --user, --chdir, --server-class, the
-        log paths, the app's import as the workers' user. The problem, or None."""
-        try:
-            result = subprocess.run(
-                [sys.executable, "-c", _REEXEC, *self.argv, "--check-config"],
-                cwd=self.cwd,
-                capture_output=True,
-                text=True,
-                errors="replace",
-                timeout=self.timeout,
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired:
-            return f"checking the new start took more than {self.timeout:g}s"
-        except OSError as exc:
-            return f"cannot run {sys.executable}: {exc.strerror}"
-        if result.returncode == 0:
-            return None
-        lines = result.stderr.strip().splitlines()
-        last = lines[-1].removeprefix("Error: ") if lines else ""
-        return last or f"the check exited with status {result.returncode}"
+    def check(self, inherited: int = 0) -> Check:
+        return Check(self.argv, self.cwd, self.timeout, inherited)
 
-    def execute(self, handover: Handover, socket_fds: list[int], extra_fds: list[int]) -> None:
+    def execute(
+        self,
+        handover: Handover,
+        socket_fds: list[int],
+        environment: dict[str, str] | None = None,
+    ) -> None:
         """Replace this image. Returns only if execve failed, with everything as it was."""
-        plan = socket_fds + extra_fds
+        plan = socket_fds + handover.descriptors()
         with signals.blocked():  # stay blocked across execve; the new image unblocks
             undo = _place_at_listen_fds(plan)
-            moved = dict(
-                zip(plan, range(LISTEN_FDS_START, LISTEN_FDS_START + len(plan)), strict=True)
+            handover.renumber(
+                dict(zip(plan, range(LISTEN_FDS_START, LISTEN_FDS_START + len(plan)), strict=True))
             )
-            handover.master_r, handover.master_w = (
-                moved[handover.master_r],
-                moved[handover.master_w],
-            )
-            for worker in handover.workers:
-                worker.status_fd = moved[worker.status_fd]
-                if worker.heartbeat_fd >= 0:
-                    worker.heartbeat_fd = moved[worker.heartbeat_fd]
-            for fds in handover.slot_sockets.values():
-                fds[:] = [moved[fd] if fd >= 0 else -1 for fd in fds]
-            env = dict(os.environ, LISTEN_FDS=str(len(socket_fds)), LISTEN_PID=str(os.getpid()))
-            env[HANDOVER_ENV] = handover.to_json()
+            payload = write_handover(handover)
+            env = {**os.environ, **(environment or {})}  # systemd's, taken out of os.environ
+            env.update(LISTEN_FDS=str(len(socket_fds)), LISTEN_PID=str(os.getpid()))
+            env[HANDOVER_FD_ENV] = str(payload)
             for handler in logging.getLogger("prefork").handlers:
                 handler.flush()
             try:
                 os.chdir(self.cwd)
                 os.execve(sys.executable, [sys.executable, "-c", _REEXEC, *self.argv], env)
             except OSError:
+                os.close(payload)
                 undo()
                 raise
 
 
 class Upgrade:
-    """USR2 for the arbiter: check, hand over, re-execute; and the adoption on the other
-    side. (A collaborator of the arbiter: it reads the pool and the generations, and
-    changes nothing of them unless the exec fails, when it changes nothing at all.)"""
+    """USR2 for the arbiter: the check, the handover, the exec; and the adoption on the
+    other side. It reads the pool and the generations, and changes nothing of them."""
 
     def __init__(self, upgrader: Upgrader) -> None:
         self.upgrader = upgrader
+        self.check: Check | None = None
 
-    def reexec(self, arbiter: Any, master_r: int, master_w: int, slots: Any) -> None:
+    @property
+    def checking(self) -> bool:
+        return self.check is not None
+
+    def begin(self, arbiter: Any) -> None:
         serving = arbiter.generations.serving
-        problem = self.upgrader.check()
-        if problem:
-            log.error("upgrade abandoned, still serving generation %d: %s", serving.number, problem)
-            arbiter.notify.status(
-                f"serving generation {serving.number} (upgrade refused: {problem})"
-            )
+        inherited = sum(1 for s in serving.servers if not getattr(s, "prefork_bind", None))
+        try:
+            self.check = self.upgrader.check(inherited)
+        except OSError as exc:
+            self._refused(arbiter, f"cannot run {sys.executable}: {exc.strerror}")
             return
+        log.info("upgrading: checking the new start first (pid %d)", self.check.pid)
+        arbiter.notify.status(f"serving generation {serving.number}; checking an upgrade")
+
+    def poll(self, arbiter: Any, now: float) -> None:
+        """Once per turn while a check runs: act on its outcome."""
+        if self.check is None:
+            return
+        outcome = self.check.poll(now)
+        if outcome is None:
+            return
+        self.check = None
+        if outcome.problem:
+            self._refused(arbiter, outcome.problem)
+        else:
+            self._reexec(arbiter, outcome.stdlib)
+
+    def cancel(self) -> None:
+        if self.check is not None:
+            self.check.cancel()
+            self.check = None
+
+    def deadline(self) -> float | None:
+        return self.check.deadline if self.check is not None else None
+
+    @staticmethod
+    def _refused(arbiter: Any, problem: str) -> None:
+        serving = arbiter.generations.serving
+        log.error("upgrade abandoned, still serving generation %d: %s", serving.number, problem)
+        arbiter.notify.status(f"serving generation {serving.number} (upgrade refused: {problem})")
+
+    def _reexec(self, arbiter: Any, stdlib: list[str]) -> None:
+        serving = arbiter.generations.serving
         arbiter.notify.reloading("upgrading the master in place")
         log.info("upgrading: re-executing the master in place (pid %d)", os.getpid())
-        now = time.monotonic()
-        workers = [w for w in arbiter.pool.workers.values() if w.state.value != "killed"]
         servers = serving.servers
         handover = Handover(
             generation=serving.number,
-            master_r=master_r,
-            master_w=master_w,
-            workers=[
-                AdoptedWorker(
-                    w.pid,
-                    w.nr,
-                    w.generation,
-                    w.status_fd,
-                    w.heartbeat.fileno() if w.heartbeat else -1,
-                    w.max_requests,
-                    w.watches_code,
-                    w.ready,
-                    w.state.value,
-                    None if w.deadline is None else max(0.0, w.deadline - now),
-                )
-                for w in workers
-            ],
-            board=arbiter._board,
-            served_by_exited=arbiter._served_by_exited,
+            master_r=arbiter.master_pipe[0],
+            master_w=arbiter.master_pipe[1],
+            workers=self._handed_over(arbiter.pool.workers.values(), time.monotonic()),
+            board=arbiter.board,
+            served_by_exited=arbiter.served_by_exited,
             unlink=[s._prefork_unlink[1] if s._prefork_unlink else "" for s in servers],
-            slot_sockets=slots.export(servers),
+            slot_sockets=arbiter.slots.export(servers),
             binds=[getattr(s, "prefork_bind", None) or "" for s in servers],
             newest=arbiter.generations.newest,
+            stdlib=stdlib,
         )
-        extra = [master_r, master_w] + [w.status_fd for w in handover.workers]
-        extra += [w.heartbeat_fd for w in handover.workers if w.heartbeat_fd >= 0]
-        extra += [fd for fds in handover.slot_sockets.values() for fd in fds if fd >= 0]
         try:
-            self.upgrader.execute(handover, [s.socket.fileno() for s in servers], extra)
+            self.upgrader.execute(
+                handover, [s.socket.fileno() for s in servers], arbiter.notify.environment()
+            )
         except OSError as exc:
             log.error("upgrade abandoned, cannot re-execute: %s", exc)
-            arbiter.notify.ready(f"serving with {serving.size} workers (upgrade failed)")
+            arbiter.notify.reload_failed(f"serving with {serving.size} workers", str(exc))
+
+    @staticmethod
+    def _handed_over(workers: Any, now: float) -> list[AdoptedWorker]:
+        return [
+            AdoptedWorker(
+                w.pid,
+                w.nr,
+                w.generation,
+                w.status_fd,
+                w.heartbeat.fileno() if w.heartbeat else -1,
+                w.max_requests,
+                w.watches_code,
+                w.ready,
+                w.state.value,
+                None if w.deadline is None else max(0.0, w.deadline - now),
+            )
+            for w in workers
+            if w.state is not State.KILLED
+        ]
 
     @staticmethod
     def adopted(handover: Handover, timeouts: Timeouts, now: float) -> list[WorkerProcess]:
-        """The previous image's workers, as records of this one, each in the state it
-        was in with what was left of its deadline."""
+        """The previous image's workers that check out (handover.checked), as records of
+        this one, each in the state it was in with what was left of its deadline."""
         adopted = []
-        for old in handover.workers:
+        for old in checked(handover).workers:
             heartbeat = Heartbeat(old.heartbeat_fd) if old.heartbeat_fd >= 0 else None
             try:
                 state = State(old.state)

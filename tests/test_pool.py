@@ -48,7 +48,9 @@ class FakeEffects:
             return None
         self.next_pid += 1
         self.pages[self.next_pid] = Reading(now, None)
-        return WorkerProcess(nr, self.next_pid, generation.number, -1, None, now, generation.timeouts)
+        return WorkerProcess(
+            nr, self.next_pid, generation.number, -1, None, now, generation.timeouts
+        )
 
     def signal(self, worker: WorkerProcess, signum: int, drain: bool = False) -> None:
         self.signals.append((worker.pid, signum))
@@ -232,7 +234,9 @@ def _pool(**config: Any) -> tuple[Pool, FakeEffects, list[float]]:
     clock = [50.0]
     effects = FakeEffects(clock)
     settings_ = replace(CONFIG, **config)
-    pool = Pool(effects, Generations(Generation(1, settings_, [FakeServer("a")], settings_.workers)))
+    pool = Pool(
+        effects, Generations(Generation(1, settings_, [FakeServer("a")], settings_.workers))
+    )
     pool.spawn_missing(clock[0])
     for worker in list(pool.workers.values()):
         pool.ready(worker, clock[0])
