@@ -446,6 +446,9 @@ class Arbiter:
         return worker
 
     def signal(self, worker: WorkerProcess, signum: int, drain: bool = False) -> None:
+        # A worker whose --reuse-port socket nobody will serve after it (the new image
+        # after a USR2 turned reuse_port off) serves what is queued there before leaving.
+        drain = drain or (signum == signal.SIGTERM and self._slot_without_successor(worker))
         if worker.heartbeat:
             if drain:
                 worker.heartbeat.request_drain()
@@ -471,10 +474,17 @@ class Arbiter:
     def slot_removed(self, nr: int) -> None:
         self.slots.close_slot(nr)
 
+    def _slot_without_successor(self, worker: WorkerProcess) -> bool:
+        serving = self.generations.serving
+        reuses = any(getattr(s, "_prefork_reuse_port", False) for s in serving.servers)
+        return not reuses and self.slots.has_slot(worker.nr)
+
     def reload_settled(self, generation: Generation, cause: str | None) -> None:
         serving = self.generations.serving
         if cause is None:
             self.notify.ready(f"serving with {serving.size} workers, generation {serving.number}")
+            if not any(getattr(s, "_prefork_reuse_port", False) for s in serving.servers):
+                self.slots.close_all()  # an upgrade's, unused now: the old workers drain theirs
         else:
             self.notify.reload_failed(f"serving with {serving.size} workers", cause)
 
@@ -487,6 +497,7 @@ class Arbiter:
         ours = {self._wakeup.read_fd, self._wakeup.write_fd, self._selector.fileno()}
         ours |= set(self.master_pipe)
         ours |= {s.socket.fileno() for s in self.generations.serving.servers}
+        ours |= self.slots.fds()  # an upgrade's: handed over, not the host's
         if self._status_page:
             ours.add(self._status_page.fileno())
         ours |= {w.status_fd for w in self.pool.workers.values()}

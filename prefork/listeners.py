@@ -7,6 +7,8 @@ and turning an ``OSError`` from bind into a one-line ``BindError``.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import functools
 import ipaddress
@@ -231,6 +233,37 @@ def open_sibling(sock: socket.socket, backlog: int) -> socket.socket:
     return sibling
 
 
+_SO_ATTACH_REUSEPORT_CBPF = 51  # Linux 4.5
+_SO_DETACH_REUSEPORT_BPF = 68  # Linux 5.3
+_BPF_RET_K = 0x06
+
+
+def steer_to_first(sock: socket.socket) -> bool:
+    """Send every new connection of ``sock``'s SO_REUSEPORT group to its first member.
+
+    The first member is the socket bound at start (the siblings joined after it, and the
+    kernel fills a closed member's place with the last one, never with the first), so
+    the other members receive nothing new and can be drained and closed without a
+    connection landing on them in between and being reset. A one-instruction classic BPF
+    program, ``return 0``. False where the kernel refuses it.
+    """
+    program = ctypes.create_string_buffer(struct.pack("=HBBI", _BPF_RET_K, 0, 0, 0))
+    fprog = struct.pack("@HP", 1, ctypes.addressof(program))  # struct sock_fprog
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, fprog)
+    except OSError as exc:
+        log.warning("cannot steer new connections off the slot sockets: %s", exc.strerror)
+        return False
+    return True
+
+
+def stop_steering(sock: socket.socket) -> None:
+    """Undo steer_to_first (a USR2 that turned reuse_port back on): spread again."""
+    # ENOENT: none attached; ENOPROTOOPT: a kernel without it never had one
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_REUSEPORT_BPF, 0)
+
+
 _ERRNO_WORDS = {
     errno.EADDRINUSE: "address already in use",
     errno.EACCES: "permission denied",
@@ -297,10 +330,11 @@ class SlotSockets:
             own.append(self._sockets[key])
         return own
 
-    def fds_except(self, nr: int) -> list[int]:
-        """Other slots' sockets: a worker must close them (a copy kept open in the wrong
-        process would hold a dead queue in the kernel's reuse-port group)."""
-        return [sock.fileno() for (slot, _), sock in self._sockets.items() if slot != nr]
+    def fds(self) -> set[int]:
+        return {sock.fileno() for sock in self._sockets.values()}
+
+    def has_slot(self, nr: int) -> bool:
+        return any(slot == nr for slot, _ in self._sockets)
 
     def close_slot(self, nr: int) -> None:
         self._close(lambda slot, _: slot == nr)
@@ -323,6 +357,8 @@ class SlotSockets:
         }
 
     def adopt(self, exported: dict[str, list[int]], servers: list[Any]) -> None:
+        """An upgrade's slot sockets. Where the new settings turned reuse_port off, the
+        old workers drain theirs while new connections go to the shared socket only."""
         for nr, fds in exported.items():
             for server, fd in zip(servers, fds, strict=True):
                 if fd >= 0:
@@ -330,6 +366,13 @@ class SlotSockets:
                     sock.set_inheritable(False)
                     sock.setblocking(False)
                     self._sockets[(int(nr), id(server))] = sock
+        for server in servers:
+            if not reuse_port_supported(server.socket):
+                continue
+            if getattr(server, "_prefork_reuse_port", False):
+                stop_steering(server.socket)
+            elif any(server_id == id(server) for _, server_id in self._sockets):
+                steer_to_first(server.socket)
 
     def _close(self, which: Callable[[int, int], bool]) -> None:
         for key in [k for k in self._sockets if which(*k)]:

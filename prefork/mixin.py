@@ -119,6 +119,12 @@ class PreForkMixIn:
             # siblings are possible only if that binder set SO_REUSEPORT.
             reuse = sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
             server._prefork_reuse_port = bool(reuse)
+            if not reuse:
+                log.warning(
+                    "reuse_port: %s was bound without SO_REUSEPORT; its workers share it "
+                    "until a restart binds it again",
+                    listeners.describe_address(server),
+                )
         return server
 
     # -- binding, in the master ------------------------------------------------------------

@@ -15,10 +15,11 @@ import logging
 from dataclasses import fields, replace
 from typing import Any, Protocol
 
+from .binds import Inherited
 from .config import Config
 from .generations import Generation
 from .identity import Identity
-from .listeners import describe_address
+from .listeners import describe_address, parse_bind
 
 log = logging.getLogger("prefork.arbiter")
 
@@ -64,6 +65,11 @@ def next_settings(settings: Reconfigurer, serving: Generation) -> tuple[Config, 
         log.warning("%s changed; it takes effect at the next USR2 or restart", name)
     new = replace(new, **kept)
     current = {getattr(s, "prefork_bind", None) for s in serving.servers}
+    for bind in new.binds:  # another spelling of a bound address is that very socket
+        existing = _serving(bind, serving.servers) if bind not in current else None
+        if existing is not None and existing.prefork_bind:
+            existing.prefork_bind = bind
+            current.add(bind)
     added: list[Any] = []
     try:
         for bind in new.binds:
@@ -84,3 +90,15 @@ def next_settings(settings: Reconfigurer, serving: Generation) -> tuple[Config, 
     for server in added:
         log.info("added %s", describe_address(server))
     return new, kept_servers + added
+
+
+def _serving(bind: str, servers: list[Any]) -> Any:
+    """The server already bound to the address ``bind`` names, if any (port 0 names
+    none: it asks for a new one)."""
+    spec = parse_bind(bind)
+    if spec.kind == "fd" or (isinstance(spec.address, tuple) and spec.address[1] == 0):
+        return None
+    for server in servers:
+        if Inherited.of_socket(server.socket.fileno()).named_by(spec):
+            return server
+    return None

@@ -126,8 +126,10 @@ class Upgrader:
         handover: Handover,
         socket_fds: list[int],
         environment: dict[str, str] | None = None,
+        names: list[str] | None = None,
     ) -> None:
-        """Replace this image. Returns only if execve failed, with everything as it was."""
+        """Replace this image. Returns only if execve failed, with everything as it was.
+        ``names``: the sockets' LISTEN_FDNAMES, which the new image reports as systemd's."""
         plan = socket_fds + handover.descriptors()
         with signals.blocked():  # stay blocked across execve; the new image unblocks
             undo = _place_at_listen_fds(plan)
@@ -137,6 +139,9 @@ class Upgrader:
             payload = write_handover(handover)
             env = {**os.environ, **(environment or {})}  # systemd's, taken out of os.environ
             env.update(LISTEN_FDS=str(len(socket_fds)), LISTEN_PID=str(os.getpid()))
+            env.pop("LISTEN_FDNAMES", None)
+            if names and any(names):
+                env["LISTEN_FDNAMES"] = ":".join(names)
             env[HANDOVER_FD_ENV] = str(payload)
             for handler in logging.getLogger("prefork").handlers:
                 handler.flush()
@@ -219,7 +224,10 @@ class Upgrade:
         )
         try:
             self.upgrader.execute(
-                handover, [s.socket.fileno() for s in servers], arbiter.notify.environment()
+                handover,
+                [s.socket.fileno() for s in servers],
+                arbiter.notify.environment(),
+                [getattr(s, "prefork_fdname", "") for s in servers],
             )
         except OSError as exc:
             log.error("upgrade abandoned, cannot re-execute: %s", exc)
