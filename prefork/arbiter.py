@@ -103,6 +103,7 @@ class Arbiter:
         self._wakeup = self._route.wakeup
         self._selector = selectors.DefaultSelector()
         self._settings, self._handover = settings, handover
+        self.upgrade_problem: str | None = None  # why this image runs the old settings
         self._upgrade = Upgrade(upgrader) if upgrader else None
         self._reap_orphans, self._close_on_stop = reap_orphans, close_listeners_on_stop
         self.slots = SlotSockets(config.backlog)
@@ -481,10 +482,15 @@ class Arbiter:
 
     def reload_settled(self, generation: Generation, cause: str | None) -> None:
         serving = self.generations.serving
+        if cause is None and not any(
+            getattr(s, "_prefork_reuse_port", False) for s in serving.servers
+        ):
+            self.slots.close_all()  # an upgrade's, unused now: the old workers drain theirs
+        # An upgrade that fell back to the previous settings (cli.py) failed, even if
+        # the reload after it completed: systemd is not told it succeeded.
+        cause, self.upgrade_problem = cause or self.upgrade_problem, None
         if cause is None:
             self.notify.ready(f"serving with {serving.size} workers, generation {serving.number}")
-            if not any(getattr(s, "_prefork_reuse_port", False) for s in serving.servers):
-                self.slots.close_all()  # an upgrade's, unused now: the old workers drain theirs
         else:
             self.notify.reload_failed(f"serving with {serving.size} workers", cause)
 

@@ -7,6 +7,7 @@ over the environment, which wins over the defaults.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -20,7 +21,7 @@ from typing import Any, Literal
 import click
 from click.core import ParameterSource
 
-from . import listeners, log, paths
+from . import listeners, log, paths, trusted_import
 from . import status as prefork_status
 from .access import prepare_access_log
 from .arbiter import Arbiter
@@ -36,7 +37,7 @@ from .paths import changeable_by_others
 from .process import Pidfile, reaps_orphans
 from .signals import MASTER_SIGNALS, SignalRoute, Wakeup, unblock_all
 from .systemd import take_listen_fds
-from .target import Target, add_cwd_to_path, import_stdlib, module_source
+from .target import CHECK_TIMEOUT, Target, add_cwd_to_path, import_stdlib, module_source
 from .upgrade import CHECK_LISTENERS_ENV, CHECK_REPORT_ENV, Upgrader
 from .version import __version__
 from .workers import SERVER_MIXINS
@@ -128,16 +129,28 @@ def run(
             return
         inherited = _inherited(passed, handover)
         checked_stdlib = handover.stdlib if handover else None
-        start = prepare(target, given, started_in, check_config, inherited, checked_stdlib)
+        problem = None
+        try:
+            start = prepare(target, given, started_in, check_config, inherited, checked_stdlib)
+        except PreforkError as exc:
+            if handover is None or handover.settings is None:
+                raise
+            start, problem = as_before(target, handover), str(exc)
         if check_config:
             if os.environ.get(CHECK_REPORT_ENV):  # for the USR2 that runs this check
                 click.echo("\n".join(start.stdlib))
             return
         _open_logs(start.config, start.identity, upgraded=handover is not None)
+        if problem:
+            logger.error(
+                "upgrade failed after re-executing: %s; serving on with the previous "
+                "settings (workers import the app themselves)",
+                problem,
+            )
         _warn_about_privileges(start.identity)
     except PreforkError as exc:
         raise StartupError(str(exc)) from None
-    serve(start, given, started_in, handover, passed)
+    serve(start, given, started_in, handover, passed, problem)
 
 
 @dataclass
@@ -185,6 +198,8 @@ def prepare(
     if config.preload or config.server_class:  # code the master imports itself
         add_cwd_to_path(app_dir)
         _refuse_code_others_can_change(config, app, identity)
+        if os.geteuid() == 0 and identity is not None and identity.uid != 0:
+            trusted_import.install()  # and every module that code imports in turn
         # --server-class imports, is a class, and fits each bind whose kind is known
         # (an fd:// bind's kind is its socket's, seen when it is adopted).
         base: type[socketserver.BaseServer] = socketserver.TCPServer
@@ -199,14 +214,44 @@ def prepare(
     else:
         # In a throwaway child: the master never imports the app, only the parts of
         # the standard library it uses, which workers then inherit (target.py).
-        stdlib = checked_stdlib if checked_stdlib is not None else app.check(identity, app_dir)
+        if checked_stdlib is None:
+            stdlib = app.check(identity, app_dir, config.boot_timeout or CHECK_TIMEOUT)
+        else:
+            stdlib = checked_stdlib
         import_stdlib(stdlib)
-    if checking:
+    if checking and not os.environ.get(CHECK_REPORT_ENV):
+        # Not for a USR2's check: a log path refused after the upgrade costs the log
+        # (stderr, one line), and a worker that plants a symlink must not veto upgrades.
         owner = file_owner(identity)
         for path, what in ((config.log_file, "log file"), (config.access_log, "access log")):
             if path and path != "-":
                 paths.check_appendable(path, owner, what)
     return Start(app, config, specs, identity, app_dir, handler, stdlib)
+
+
+def as_before(target: str, handover: Handover) -> Start:
+    """The start of an upgraded image whose own start failed where the check had passed
+    a moment before (a file changed in between, an import that fails now and then).
+
+    The old image is gone and the workers end with the master, so this one serves on
+    with the settings the old image had, which it hands over; its workers import the
+    app themselves (no --preload), so that a broken import fails only their boot and the
+    adopted workers keep serving. Still fatal: the server class, imported again by the
+    sockets' adoption, if that is what broke.
+    """
+    assert handover.settings is not None
+    known = {f.name for f in fields(Config)}  # the old image may be another version
+    settings = {k: v for k, v in handover.settings.items() if k in known}
+    config = Config(**{**settings, "binds": (), "preload": False})  # all sockets passed
+    with contextlib.suppress(OSError):
+        os.chdir(handover.app_dir or ".")
+    try:
+        identity = Identity.resolve(config.user, config.group)
+    except PreforkError:
+        identity = None  # the log files are then root's; each worker's fork says why
+    stdlib = handover.stdlib or []
+    import_stdlib(stdlib)
+    return Start(Target.parse(target), config, [], identity, os.getcwd(), None, stdlib)
 
 
 def _inherited(passed: list[tuple[int, str]], handover: Handover | None) -> list[Inherited]:
@@ -233,8 +278,10 @@ def serve(
     started_in: str,
     handover: Handover | None,
     passed: list[tuple[int, str]],
+    upgrade_problem: str | None = None,
 ) -> None:
-    """Bind (or adopt), write the pid file, and run the master until it stops."""
+    """Bind (or adopt), write the pid file, and run the master until it stops.
+    ``upgrade_problem``: why this upgraded image runs the old settings (as_before)."""
     config = start.config
     # Handlers go in before any socket is bound: a signal sent the moment the port
     # accepts must be honoured, not kill a master that is still starting. An upgraded
@@ -246,7 +293,7 @@ def serve(
     arbiter: Arbiter | None = None
     pidfile = Pidfile(config.pid) if config.pid else None
     try:
-        if pidfile:
+        if pidfile and not handover:
             pidfile.check(os.getpid())  # before binding: a refused start binds nothing
         unlink = handover.unlink if handover else [""] * len(passed)
         binds = handover.binds if handover else [""] * len(passed)
@@ -263,7 +310,14 @@ def serve(
             for server in servers:
                 server.RequestHandlerClass = start.handler
         if pidfile:
-            pidfile.write(os.getpid())
+            try:
+                pidfile.write(os.getpid())
+            except PreforkError as exc:
+                if not handover:
+                    raise
+                # The file names this very PID already; an upgrade is no reason to stop.
+                logger.error("%s; the pid file stays as it was", exc)
+                pidfile = None
         upgrader = Upgrader(sys.argv[1:], started_in, config.boot_timeout)
         arbiter = Arbiter(
             servers,
@@ -278,6 +332,7 @@ def serve(
             close_listeners_on_stop=True,
         )
         arbiter.notify.take_environment()  # not for the workers, nor what they start
+        arbiter.upgrade_problem = upgrade_problem
         arbiter.run()
     except PreforkError as exc:
         raise StartupError(str(exc)) from None
@@ -402,6 +457,15 @@ def _open_logs(config: Config, identity: Identity | None, upgraded: bool = False
 
 def _warn_about_privileges(identity: Identity | None) -> None:
     """One line for a setting that leaves the workers more power than it looks."""
+    if os.geteuid() == 0 and identity is not None and identity.uid != 0:
+        here = os.path.dirname(os.path.abspath(__file__))
+        if why := changeable_by_others(here):
+            logger.warning(
+                "prefork's own code (%s) could be changed by someone other than root (%s): "
+                "whoever that is can run code as root at the next start or upgrade",
+                here,
+                why,
+            )
     if os.geteuid() == 0 and identity is not None and identity.keeps_root:
         logger.warning(
             "--group without --user: workers keep the master's user, root (uid 0), with "

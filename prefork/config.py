@@ -16,7 +16,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
 from .identity import parse_mode
-from .validate import check_range, check_text, check_type, number
+from .validate import check_least_if_on, check_range, check_text, check_type, number
 
 WorkerClass = Literal["sync", "thread", "fork"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -26,6 +26,7 @@ LogFormat = Literal["text", "json"]
 # works: the loops never sleep longer than a few seconds at a time whatever the
 # deadline, so a timeout means "effectively never" long before it could overflow.
 MAX_SECONDS = 1e9  # about 31 years
+MIN_TIMEOUT = 1.0  # the master looks at heartbeats every 0.5 s: less kills healthy workers
 MAX_COUNT = 10**12
 MAX_WORKERS = 1024
 MAX_THREADS = 10_000
@@ -144,6 +145,16 @@ class Config:
         "client (a socket timeout, set unless the handler class sets its own timeout); a "
         "client silent that long is disconnected, logged at debug level only. 0 turns it "
         "off. Keep it below --timeout with sync workers.",
+    )
+    client_max_wait: float = setting(
+        25.0,
+        minimum=0,
+        maximum=MAX_SECONDS,
+        help="Seconds a stream connection may keep its handler waiting on the client in "
+        "all, every read and write added up, under --client-timeout: a client that keeps "
+        "just above the minimum rate, or sends a request just inside every timeout, is "
+        "disconnected then. 0 turns it off; raise it (or 0) for long uploads or long-lived "
+        "connections with thread workers. Keep it below --timeout with sync workers.",
     )
     defer_accept: int = setting(
         30,
@@ -268,6 +279,9 @@ class Config:
         for name in ("umask", "socket_mode"):
             if getattr(self, name) is not None:
                 parse_mode(name, getattr(self, name))
+        for f in fields(self):
+            if f.name in ("worker_timeout", "boot_timeout"):
+                check_least_if_on(f.name, getattr(self, f.name), MIN_TIMEOUT)
 
 
 @functools.cache

@@ -78,6 +78,7 @@ class WorkerProcess:
     watches_code: bool = False  # --reload: the one worker whose RELOAD is honoured
     max_requests: int = 0  # its --max-requests with jitter: RETIRE is honoured only then
     unexpected: int = 0  # status-pipe messages it had no business sending
+    said: set[bytes] = field(default_factory=set)  # status-pipe messages honoured once
 
     def __post_init__(self) -> None:
         if not self.since:

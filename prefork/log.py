@@ -98,6 +98,10 @@ class LogFile(logging.StreamHandler):  # type: ignore[type-arg]
                 self.stream, self._on_stderr = sys.stderr, True
         return self.stream  # type: ignore[no-any-return]
 
+    @property
+    def on_stderr(self) -> bool:
+        return self._on_stderr
+
     def emit(self, record: logging.LogRecord) -> None:
         self.ensure_open()
         super().emit(record)
@@ -142,15 +146,16 @@ def set_slot(slot: str) -> None:
 
 def reopen(eagerly: bool = False) -> bool:
     """Reopen the log file (USR1). False when logging to a stream, where there is nothing
-    to reopen. The file opens again at its path on the next line written, or at once
-    (``eagerly``: the master, which makes the file for the workers)."""
+    to reopen, or when the file could not be opened again (said on stderr). The file
+    opens again at its path on the next line written, or at once (``eagerly``: the
+    master, which makes the file for the workers)."""
     reopened = False
     for handler in logging.getLogger(_LOGGER).handlers:
         if isinstance(handler, LogFile):
             handler.reopen()
             if eagerly:
                 handler.ensure_open()
-            reopened = True
+            reopened = not handler.on_stderr
     return reopened
 
 

@@ -221,7 +221,7 @@ class PreForkMixIn:
         exc = sys.exc_info()[1]
         if isinstance(exc, ClientTimeout):  # raised by connection.TimedConnection only
             client = printable(describe_client(client_address))
-            log.debug("%s: %s (--client-timeout); closed", client, exc)
+            log.debug("%s: %s (%s); closed", client, exc, exc.setting)
             return
         print("-" * 40, file=sys.stderr)
         print(

@@ -326,10 +326,19 @@ def bind_unix(
     """
     try:
         with parent_of(path, f"cannot bind unix:{path}") as (directory, name):
+            # bind() takes a path, not a directory descriptor: the kernel walks it again.
+            # Where someone else could change a directory on the way, they could swap in
+            # a symlink meanwhile, and root would make the file wherever it points.
+            swappable = _swappable_by_others(path)
+            if swappable and (owner is None or owner.uid == 0):
+                raise PathError(
+                    f"refusing to bind unix:{path} as root: {swappable} (give --user, who "
+                    "then makes the socket, or use a directory only root can change)"
+                )
             _remove_stale_socket(directory, name, sock.type)
             umask = os.umask(0o777 & ~mode) if mode is not None else None
             try:
-                _bind_as(sock, path, owner)
+                _bind_as(sock, path, owner, root_may=not swappable)
             finally:
                 if umask is not None:
                     os.umask(umask)
@@ -345,17 +354,32 @@ def bind_unix(
     return info.st_dev, info.st_ino
 
 
-def _bind_as(sock: socket.socket, path: str, owner: Owner | None) -> None:
+def _swappable_by_others(path: str) -> str | None:
+    """Why someone other than root could change a directory on the way to ``path``
+    (None for a master that is not root: it has nothing to lend)."""
+    if os.geteuid() != 0:
+        return None
+    # The directory itself may be anyone's: bind() makes the file in it and follows no
+    # final symlink. What matters is that nobody else can swap that directory.
+    return changeable_by_others(os.path.dirname(os.path.abspath(path)) or "/", contents=False)
+
+
+def _bind_as(sock: socket.socket, path: str, owner: Owner | None, root_may: bool) -> None:
+    """``root_may``: no one but root can change the way to ``path``, so root may make
+    the file where the workers' user may not."""
     if owner is None:
         sock.bind(path)
         return
     try:
         with _filesystem_identity(owner.uid, owner.gid):
-            sock.bind(path)  # the workers' user makes it: a file of theirs, in their place
+            # The workers' user makes it: a file of theirs, where they may make files,
+            # whatever symlink the path may meet meanwhile.
+            sock.bind(path)
             return
     except PermissionError:
-        pass  # a directory they may not write to: root makes it, with their group
-    with _filesystem_identity(os.geteuid(), owner.gid):
+        if not root_may:
+            raise
+    with _filesystem_identity(os.geteuid(), owner.gid):  # a directory only root may write
         sock.bind(path)
 
 
@@ -385,7 +409,8 @@ def _remove_stale_socket(directory: int, name: str, sock_type: int) -> None:
 
     The probe connects through a descriptor of the very file looked at (O_PATH, not
     following a symlink), so a symlink swapped in meanwhile cannot make root connect
-    elsewhere; the file is removed only if it is still that one."""
+    elsewhere; only a refused connection is stale; the file is removed only if it is
+    still that one."""
     try:
         node = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
     except OSError:
@@ -395,6 +420,9 @@ def _remove_stale_socket(directory: int, name: str, sock_type: int) -> None:
         if not stat.S_ISSOCK(info.st_mode):
             return
         with socket.socket(socket.AF_UNIX, sock_type) as probe:
+            # Non-blocking: a listener whose backlog is full (EAGAIN) is alive, and a
+            # squatter's full backlog must not hold the root master in connect().
+            probe.setblocking(False)
             try:
                 probe.connect(f"/proc/self/fd/{node}")
             except ConnectionRefusedError:
@@ -408,15 +436,20 @@ def _remove_stale_socket(directory: int, name: str, sock_type: int) -> None:
         os.close(node)
 
 
-def changeable_by_others(path: str) -> str | None:
+def changeable_by_others(
+    path: str, contents: bool = True, also_trusted: frozenset[int] = frozenset()
+) -> str | None:
     """Why someone other than root (or the master's user) could change ``path``, or None.
 
     Whoever may write to the file, or to any directory on its way (they could rename
     what follows and put their own in its place), could change it. A sticky directory
     (/tmp) protects what its owner put there. Used for what a root master reads its
-    settings or code from (sshd's StrictModes, for the same reason).
+    settings or code from (sshd's StrictModes, for the same reason). ``contents=False``:
+    only whether ``path`` itself could be replaced (a directory whose entries others may
+    make, but which they cannot swap for another). ``also_trusted``: more owners who
+    count as root here.
     """
-    trusted = _trusted_uids()
+    trusted = _trusted_uids() | also_trusted
     absolute = os.path.realpath(path)
     chain = [absolute]
     while chain[-1] != "/":
@@ -426,6 +459,8 @@ def changeable_by_others(path: str) -> str | None:
     except OSError as exc:
         return f"{path}: {_reason(exc)}"
     for index, (where, info) in enumerate(zip(chain, infos, strict=True)):
+        if index == 0 and not contents:
+            continue
         if info.st_uid not in trusted:
             return f"{where} belongs to uid {info.st_uid}"
         if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):

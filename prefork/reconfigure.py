@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from .binds import Inherited
 from .config import Config
+from .errors import ConfigError
 from .generations import Generation
 from .identity import Identity
 from .listeners import describe_address, parse_bind
@@ -70,6 +71,12 @@ def next_settings(settings: Reconfigurer, serving: Generation) -> tuple[Config, 
         if existing is not None and existing.prefork_bind:
             existing.prefork_bind = bind
             current.add(bind)
+    for bind in new.binds:
+        if bind not in current and parse_bind(bind).kind == "fd":
+            # At start a descriptor is what the parent passed; now it would be one of the
+            # master's own (a listener, a pipe), and closing it on an abandoned reload
+            # would take that from the service.
+            raise ConfigError(f"{bind}: a descriptor can be named only at start")
     added: list[Any] = []
     try:
         for bind in new.binds:

@@ -150,7 +150,10 @@ def read_boards(pid: int) -> list[Board]:
     for name in names:
         kind = _page_kind(fd_dir, name)
         if kind == "master":
-            masters.append(_check_master(_read_page(fd_dir, name, pid, _read_master_page), pid))
+            facts = _check_master(_read_page(fd_dir, name, pid, _read_master_page), pid)
+            if facts["pid"] != pid:  # anyone can make a memfd by that name
+                raise StatusError(f"PID {pid}: its status page says it is PID {facts['pid']}")
+            masters.append(facts)
         elif kind == "worker":
             page = _read_worker_page(fd_dir, name, pid, now)
             if page is not None and _is_pid(page.pid):  # zero until the master forks it
@@ -161,10 +164,16 @@ def read_boards(pid: int) -> list[Board]:
     for board in boards:
         listed = board.master.get("pages")
         if listed is None:  # an older master
-            unique = {p.pid: p for p in unlisted if p.board == board.master.get("board")}
+            unique = {
+                p.pid: p
+                for p in unlisted
+                if p.board == board.master.get("board") and _is_child(p.pid, pid)
+            }
             board.workers = list(unique.values())  # see heartbeat._UNTRACKED
         else:
             for worker_pid, slot, generation, fd in listed:
+                if not _is_child(worker_pid, pid):
+                    continue  # gone meanwhile, or never its worker: a page that lies
                 page = _read_worker_page(fd_dir, str(fd), pid, now)
                 if page is not None:
                     board.workers.append(
@@ -172,6 +181,17 @@ def read_boards(pid: int) -> list[Board]:
                     )
         board.workers.sort(key=lambda p: (p.slot, p.generation, p.pid))
     return boards
+
+
+def _is_child(pid: int, parent: int) -> bool:
+    """Whether process ``pid`` is a child of ``parent`` (/proc/PID/stat's fourth field,
+    after the name in parentheses, which may itself hold spaces and parentheses)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            fields = stat_file.read().rsplit(b")", 1)[1].split()
+        return int(fields[1]) == parent
+    except (OSError, IndexError, ValueError):
+        return False
 
 
 def _page_kind(fd_dir: str, name: str) -> str | None:

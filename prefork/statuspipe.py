@@ -5,8 +5,9 @@ saw its code change, RETIRE when it has served --max-requests; or, while booting
 boot error (BOOT_ERROR and one line). EOF means it is gone. The app in a worker may be
 compromised and the master may be root, so each message is honoured only where the
 protocol allows it: READY and a boot error while booting, RELOAD from the one worker
-that watches code and only under --reload, RETIRE only under --max-requests. Anything
-else is ignored with one line, and a worker that keeps it up is killed.
+that watches code and only under --reload, RETIRE only under --max-requests; READY
+and RETIRE once. Anything else is ignored with one line, and a worker that keeps it up
+is killed.
 """
 
 from __future__ import annotations
@@ -60,9 +61,19 @@ class StatusPipes:
             return
         for message in data:
             self._on_message(worker, bytes((message,)))
+            if worker.state is State.KILLED:
+                return  # the rest of a flood is not worth reading
 
     def _on_message(self, worker: WorkerProcess, message: bytes) -> None:
+        # READY and RETIRE are honoured once: a worker has one boot and one retirement
+        # (it is stopping then). RELOAD comes with each code change the watcher sees (a
+        # broken edit, then its fix), and the arbiter runs one reload at a time.
         pool, now = self._pool, time.monotonic()
+        if message in worker.said:
+            self._unexpected(worker, message, now)
+            return
+        if message != RELOAD:
+            worker.said.add(message)
         if message == READY and not worker.ready:
             pool.ready(worker, now)
             if worker.heartbeat:
@@ -73,7 +84,7 @@ class StatusPipes:
                 log.info("--reload: worker %d saw the code change; reloading", worker.nr)
                 self._reload()
         elif message == RETIRE and worker.ready and worker.max_requests:
-            if worker.state is State.SERVING:
+            if worker.state is State.SERVING:  # else it is on its way out already
                 served = worker.heartbeat.requests_served() if worker.heartbeat else 0
                 self._recycle(worker, f"served {served} requests")
         else:

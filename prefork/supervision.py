@@ -60,10 +60,19 @@ def ensure_descriptors(workers: int, servers: int) -> None:
 
 
 def warn_about_timeouts(config: Config, model: str) -> None:
-    if model == "sync" and config.worker_timeout and config.client_timeout >= config.worker_timeout:
+    if model != "sync" or not config.worker_timeout or not config.client_timeout:
+        return
+    if config.client_timeout >= config.worker_timeout:
         log.warning(
             "--client-timeout %g is not below --timeout %g: a silent client gets a sync "
             "worker killed before it is disconnected",
             config.client_timeout,
+            config.worker_timeout,
+        )
+    elif not config.client_max_wait or config.client_max_wait >= config.worker_timeout:
+        log.warning(
+            "--client-max-wait %g is not below --timeout %g: a slow client gets a sync "
+            "worker killed before it is disconnected",
+            config.client_max_wait,
             config.worker_timeout,
         )

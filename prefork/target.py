@@ -19,17 +19,22 @@ import importlib
 import importlib.util
 import logging
 import os
+import select
+import signal
 import socketserver
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import AppImportError
 from .identity import Identity, IdentityError
-from .process import set_title
+from .process import die_with_parent, set_title
 
 log = logging.getLogger("prefork.target")
+
+CHECK_TIMEOUT = 600.0  # seconds an import check may take when --boot-timeout is 0 (off)
 
 
 @dataclass(frozen=True)
@@ -85,15 +90,23 @@ class Target:
             raise AppImportError(f"module {self.module!r} has no object {self.object!r}") from None
         return obj
 
-    def check(self, identity: Identity | None = None, app_dir: str | None = None) -> list[str]:
+    def check(
+        self,
+        identity: Identity | None = None,
+        app_dir: str | None = None,
+        timeout: float = CHECK_TIMEOUT,
+    ) -> list[str]:
         """Import the target in a throwaway child; raise AppImportError if that fails.
 
         A child, so a broken or half-imported app never lands in the master's memory;
         as the workers' ``identity``, so an app they cannot read fails here, and from
         ``app_dir`` (on the child's path only). Returns the standard-library modules the
-        import pulled in (see ``import_stdlib``).
+        import pulled in (see ``import_stdlib``). An import still running after
+        ``timeout`` seconds (stuck, or stopped by the workers' user, whose process it
+        is) is killed and fails the check.
         """
         read_fd, write_fd = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child: import, report one line, vanish without cleanup
             code = 1
@@ -101,8 +114,10 @@ class Target:
                 set_title(f"prefork: import check [{self}]")
                 os.close(read_fd)
                 try:
+                    die_with_parent(parent)
                     if identity is not None:
                         identity.switch()
+                        die_with_parent(parent)  # forgotten at the change of user
                     add_cwd_to_path(app_dir)
                     before = set(sys.modules)
                     self.load()
@@ -116,11 +131,19 @@ class Target:
             finally:
                 os._exit(code)
         os.close(write_fd)
-        chunks = []
-        with contextlib.closing(os.fdopen(read_fd, "rb")) as pipe:
-            chunks.append(pipe.read())
+        try:
+            data = _read_until_closed(read_fd, time.monotonic() + timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AppImportError(
+                f"cannot import {self.module!r}: the import took over {timeout:g}s (--boot-timeout)"
+            ) from None
+        finally:
+            os.close(read_fd)
         _, status = os.waitpid(pid, 0)
-        answer = b"".join(chunks).decode("utf-8", "replace")
+        answer = data.decode("utf-8", "replace")
         first, _, rest = answer.partition("\n")
         if first != "ok":
             if not answer:
@@ -128,6 +151,18 @@ class Target:
                 answer = f"cannot import {self.module!r}: the import ended the process ({code})"
             raise AppImportError(answer)
         return rest.split()
+
+
+def _read_until_closed(fd: int, deadline: float) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise TimeoutError
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 # Standard-library modules never imported ahead of the app: they act when imported

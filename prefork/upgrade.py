@@ -5,7 +5,7 @@
    start, nothing bound. The master's loop goes on meanwhile (it reaps, respawns, answers
    signals, pings the watchdog) and polls the child; a TERM during the check stops the
    server (the check is killed), a second USR2 is ignored with a line. The check has a
-   deadline: --boot-timeout, or CHECK_TIMEOUT_DEFAULT when that is 0.
+   deadline: --boot-timeout, or target.CHECK_TIMEOUT when that is 0.
 2. A failed check changes nothing: one line in the log and in systemd's STATUS=.
 3. Otherwise the handover (handover.py) is written and the image re-executed; the new
    image adopts the workers and starts a generation as HUP does. It does not import the
@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import IO, Any
 
 from . import signals
@@ -36,13 +36,13 @@ from .handover import HANDOVER_FD_ENV, AdoptedWorker, Handover, checked, write_h
 from .heartbeat import Heartbeat
 from .lifecycle import State, Timeouts, WorkerProcess
 from .systemd import LISTEN_FDS_START
+from .target import CHECK_TIMEOUT
 
 log = logging.getLogger("prefork.upgrade")
 
 CHECK_LISTENERS_ENV = "PREFORK_CHECK_LISTENERS"  # the check: how many sockets are systemd's
 CHECK_REPORT_ENV = "PREFORK_CHECK_REPORT"  # the check: print the standard library it needs
-CHECK_TIMEOUT_DEFAULT = 600.0  # seconds the check may take with --boot-timeout 0
-CHECK_TIMEOUT_MAX = 86400.0  # and at most, whatever the settings
+CHECK_TIMEOUT_MAX = 86400.0  # seconds the check may take at most, whatever the settings
 
 # How the new image starts: as ``python -m prefork`` would, but without the directory
 # it starts in at the head of sys.path (``-m`` and ``-c`` put it there). That directory
@@ -116,7 +116,7 @@ class Upgrader:
     def __init__(self, argv: list[str], cwd: str, timeout: float) -> None:
         self.argv = argv  # the arguments after "prefork", as first given
         self.cwd = cwd  # where they were given (before --chdir)
-        self.timeout = min(timeout or CHECK_TIMEOUT_DEFAULT, CHECK_TIMEOUT_MAX)
+        self.timeout = min(timeout or CHECK_TIMEOUT, CHECK_TIMEOUT_MAX)
 
     def check(self, inherited: int = 0) -> Check:
         return Check(self.argv, self.cwd, self.timeout, inherited)
@@ -221,6 +221,8 @@ class Upgrade:
             binds=[getattr(s, "prefork_bind", None) or "" for s in servers],
             newest=arbiter.generations.newest,
             stdlib=stdlib,
+            settings=asdict(serving.config),
+            app_dir=_app_dir(),
         )
         try:
             self.upgrader.execute(
@@ -306,3 +308,11 @@ def _place_at_listen_fds(fds: list[int]) -> Callable[[], None]:
                 os.close(source)
 
     return undo
+
+
+def _app_dir() -> str:
+    """The master's working directory is the app's (after --chdir); '' if it is gone."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return ""

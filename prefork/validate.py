@@ -22,6 +22,12 @@ def check_range(name: str, value: Any, least: float | None, most: float | None) 
         raise ConfigError(f"{name} must be at most {number(most)}, got {value!r}")
 
 
+def check_least_if_on(name: str, value: float, least: float) -> None:
+    """0 turns it off; anything else is at least ``least``."""
+    if 0 < value < least:
+        raise ConfigError(f"{name} must be 0 (off) or at least {number(least)}, got {value!r}")
+
+
 def number(value: float) -> str:
     """1e9 -> '1,000,000,000': bounds read as the numbers they are."""
     return f"{int(value):,}" if float(value).is_integer() else f"{value:,}"

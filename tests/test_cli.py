@@ -65,6 +65,17 @@ def test_unimportable_module_names_the_exception(app_dir: Path) -> None:
     assert_one_line_error(run_cli("run", "raises:H", cwd=app_dir), "RuntimeError: no database")
 
 
+def test_an_import_check_that_never_ends_is_bounded(app_dir: Path) -> None:
+    """The check runs as the workers' user, who may stop it (SIGSTOP): the start waited
+    for ever, silently."""
+    (app_dir / "stops.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGSTOP)\n")
+    result = run_cli("run", "stops:H", "-b", "127.0.0.1:0", "--boot-timeout", "2", cwd=app_dir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "Error: cannot import 'stops': the import took over 2s (--boot-timeout)"
+    )
+
+
 def test_address_in_use_names_the_address(app_dir: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]

@@ -404,3 +404,61 @@ def test_a_child_a_handler_starts_keeps_no_socket_nor_systemd_variable(
         assert leaked == []
     finally:
         os.kill(sleeper, signal.SIGKILL)  # ours to end: the worker started it for us
+
+
+def test_a_hup_naming_one_of_the_masters_own_descriptors_changes_nothing(serve, deploy: Path):
+    """fd://N on a HUP adopted whatever the master held at N, its own listener here; the
+    abandoned reload then closed it, and every later respawn failed with EBADF."""
+    config = deploy / "prefork.toml"
+    config.write_text('bind = ["127.0.0.1:0"]\nworkers = 1\n')
+    server = serve("deployed:Echo", "--config", str(config))
+    (before,) = server.wait_ready(1)
+    (listener,) = [
+        c for c in psutil.Process(server.pid).net_connections("tcp") if c.status == "LISTEN"
+    ]
+    address = ("127.0.0.1", listener.laddr.port)
+    config.write_text(f'bind = ["127.0.0.1:0", "fd://{listener.fd}"]\nworkers = 1\n')
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: "reload abandoned" in server.log, 10, message=lambda: server.log)
+    assert f"fd://{listener.fd}: a descriptor can be named only at start" in server.log
+    os.kill(before, signal.SIGKILL)  # its replacement needs the master's listener
+    wait_until(lambda: len(server.booted()) == 1 and before not in server.booted(), 10)
+    assert echo_line(address, b"still") == b"still"
+    assert "Bad file descriptor" not in server.log and "Traceback" not in server.log
+
+
+FLAKY = """
+import os, socketserver
+if os.path.exists("broken") and "PREFORK_CHECK_REPORT" not in os.environ:
+    raise ImportError("fails now and then")  # but not in the USR2's check
+
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self):
+        line = self.rfile.readline()
+        self.wfile.write(b"%d\\n" % os.getpid() if line == b"pid\\n" else line)
+"""
+
+
+def test_an_upgrade_that_fails_after_re_executing_serves_on(
+    serve, listener, deploy: Path, notify: NotifyListener
+):
+    """The check passed, then the re-executed image failed (an import that fails now and
+    then, a file changed in between) and exited 2: every worker went with it."""
+    (deploy / "flaky.py").write_text(FLAKY)
+    env = {"NOTIFY_SOCKET": str(notify.sock.getsockname())}
+    server = serve("flaky:Echo", "-w", "2", "--preload", listen_on=listener, env=env)
+    before = set(server.wait_ready(2))
+    (deploy / "broken").touch()
+    mark = len(notify.messages)
+    with Load(listener.getsockname()) as load:
+        server.signal(signal.SIGUSR2)
+        wait_until(lambda: "reload abandoned" in server.log, 30, message=lambda: server.log)
+    assert load.ok > 0 and load.failed == []
+    assert "upgrade failed after re-executing: cannot import 'flaky'" in server.log
+    assert server.proc.poll() is None and set(server.booted()) == before
+    assert not any("READY=1" in m for m in notify.since(mark))
+    (deploy / "broken").unlink()  # fixed: the next HUP deploys, the workers import it
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: "reload complete" in server.log, 30, message=lambda: server.log)
+    wait_until(lambda: len(server.booted()) == 2 and not set(server.booted()) & before, 10)
+    assert int(echo_line(listener.getsockname(), b"pid")) in server.booted()

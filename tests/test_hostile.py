@@ -303,15 +303,20 @@ def test_options_a_binder_set_on_a_passed_socket_are_kept(serve):
 
 # -- pages that are not prefork's --------------------------------------------------------------
 FORGER = r"""
-import os, struct, sys, time
-payload = sys.stdin.buffer.read()
+import ctypes, os, signal, struct, sys, time
+child = os.fork()  # its worker: a child, ended with it
+if child == 0:
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    time.sleep(60)
+    os._exit(0)
+payload = sys.stdin.buffer.read().replace(b'"pid": 1,', b'"pid": %d,' % os.getpid())
 fd = os.memfd_create("prefork-master", 0)
-os.write(fd, struct.pack("Q", 2) + struct.pack("I", int(sys.argv[1])) + payload)
+os.write(fd, struct.pack("Q", 2) + struct.pack("I", len(payload)) + payload)
 worker = os.memfd_create("prefork-worker", 0)
 page = bytearray(4096)
 struct.pack_into("d", page, 0, float("nan"))
 struct.pack_into("dQH", page, 8, float("inf"), 2**64 - 1, 65535)
-struct.pack_into("qIIId", page, 248, os.getpid(), 1, 1, 7, float("nan"))
+struct.pack_into("qIIId", page, 248, child, 1, 1, 7, float("nan"))
 page[26:35] = b"\x1b[2Jevil\x07"
 os.write(worker, bytes(page))
 print("ready", flush=True)
@@ -400,3 +405,42 @@ def test_status_of_a_process_with_a_fifo_named_like_a_page_does_not_hang(tmp_pat
         other.wait(5)
         if other.stdout:
             other.stdout.close()
+
+
+def _keeps_going(conn: socket.socket, step: bytes, pause: float, seconds: float) -> float | None:
+    """Send ``step`` every ``pause`` s for up to ``seconds``, reading what comes back;
+    how long until the server closed the connection, or None if it never did."""
+    conn.settimeout(0.01)
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        try:
+            conn.sendall(step)
+        except OSError:  # reset: closed
+            return time.monotonic() - started
+        with contextlib.suppress(TimeoutError):
+            if conn.recv(4096) == b"":
+                return time.monotonic() - started
+        time.sleep(pause)
+    return None
+
+
+@pytest.mark.parametrize(
+    ("pattern", "step", "pause"),
+    [("above the minimum rate", b"x" * 10, 0.001), ("a line inside every timeout", b"x\n", 1.2)],
+)
+def test_a_client_just_inside_every_bound_is_disconnected_in_the_end(
+    serve, listener, pattern: str, step: bytes, pause: float
+):
+    """~600 bytes a second never emptied the allowance, and on a kept-alive connection
+    each prompt answer refilled it: 32 such clients held every thread of a thread pool
+    for as long as they liked."""
+    server = serve(
+        "apps:Echo", "-w", "1", "-k", "thread", "--client-timeout", "2",
+        "--client-max-wait", "3", "--log-level", "debug", listen_on=listener,
+    )  # fmt: skip
+    server.wait_ready(1)
+    with socket.create_connection(listener.getsockname(), timeout=10) as conn:
+        lasted = _keeps_going(conn, step, pause, seconds=20)
+    assert lasted is not None, f"{pattern}: still connected after 20 s"
+    wait_until(lambda: "in all (--client-max-wait); closed" in server.log, 5)
+    assert "Traceback" not in server.log

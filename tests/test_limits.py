@@ -28,6 +28,9 @@ BAD_VALUES = [
     ("--timeout", "nan", "timeout = nan", "worker_timeout must be a finite number"),
     ("--graceful-timeout", "-inf", "graceful_timeout = -inf", "must be a finite number"),
     ("--boot-timeout", "1e10", "boot_timeout = 1e10", "boot_timeout must be at most"),
+    # below the master's half-second look, every healthy worker was killed, in a loop
+    ("--timeout", "0.05", "timeout = 0.05", "worker_timeout must be 0 (off) or at least 1"),
+    ("--boot-timeout", "0.2", "boot_timeout = 0.2", "boot_timeout must be 0 (off) or at"),
     ("--client-timeout", "nan", "client_timeout = nan", "client_timeout must be a finite"),
     ("--backlog", "99999999999", "backlog = 99999999999", "backlog must be at most 2,147,483"),
     ("--workers", "100000", "workers = 100000", "workers must be at most 1,024"),
@@ -110,7 +113,9 @@ def test_a_hup_to_a_huge_timeout_completes_and_the_master_lives(serve, listener,
     assert server.proc.poll() is None and "Traceback" not in server.log
 
 
-@pytest.mark.parametrize("toml", ["timeout = nan", "workers = 100000", "backlog = -1", "name = 1"])
+@pytest.mark.parametrize(
+    "toml", ["timeout = nan", "timeout = 0.05", "workers = 100000", "backlog = -1", "name = 1"]
+)
 def test_a_bad_value_on_hup_or_usr2_changes_nothing(serve, listener, app_dir: Path, toml: str):
     config = app_dir / "prefork.toml"
     config.write_text("workers = 1\n")

@@ -173,6 +173,59 @@ def test_a_planted_symlink_at_the_socket_path_is_not_bound_through(
     assert "address already in use" in one_line(result)
 
 
+def test_root_binds_no_socket_where_the_workers_user_could_swap_a_directory(
+    open_dir: Path, as_nobody: Interpreter
+):
+    """bind() walks the path again: with theirs/sub root's but theirs nobody's, nobody
+    swapped sub for a symlink to a root-only directory (renameat2 RENAME_EXCHANGE in a
+    loop) and root, whose bind as nobody had failed, made the socket file there. Now the
+    socket is made as the workers' user or not at all, and without --user not at all."""
+    sub = open_dir / "theirs" / "sub"
+    sub.mkdir()  # root's, 755: nobody may not make files in it
+    base = ("run", "hostile:Echo", "-b", f"unix:{sub / 'app.sock'}", "-b", "127.0.0.1:0")
+    line = one_line(run_cli(*base, "--user", "nobody", cwd=open_dir, interpreter=as_nobody))
+    assert "permission denied" in line
+    line = one_line(run_cli(*base, cwd=open_dir, interpreter=as_nobody))
+    assert "refusing to bind unix:" in line and "theirs belongs to uid 65534" in line
+    assert list(sub.iterdir()) == []
+
+
+SQUATTER = """
+import socket, sys, time
+server = socket.socket(socket.AF_UNIX)
+server.bind(sys.argv[1])
+server.listen(0)
+filler = socket.socket(socket.AF_UNIX)
+filler.connect(sys.argv[1])  # the backlog is full now: a blocking connect would wait
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_squatter_with_a_full_backlog_does_not_hold_the_master(
+    open_dir: Path, as_nobody: Interpreter
+):
+    """The stale-socket probe connected blocking: the root master waited in connect()
+    for as long as the squatter liked."""
+    path = open_dir / "theirs" / "busy.sock"
+    squatter = subprocess.Popen(
+        [*DROP_TO_NOBODY, as_nobody.python, "-c", SQUATTER, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline() == "ready\n"
+        result = run_cli(
+            "run", "hostile:Echo", "-b", f"unix:{path}", "--user", "nobody",
+            cwd=open_dir, interpreter=as_nobody, timeout=15,
+        )  # fmt: skip
+        assert "address already in use" in one_line(result)
+    finally:
+        squatter.kill()
+        squatter.wait(10)
+        squatter.stdout.close()
+
+
 def test_the_pid_file_replaces_a_planted_symlink_and_goes_only_if_still_ours(
     serve, open_dir: Path, secret: Path, as_nobody: Interpreter
 ):
@@ -262,10 +315,11 @@ def test_reopen_hup_and_usr2_refuse_a_symlink_planted_meanwhile(
     config.write_text(f'bind = ["127.0.0.1:0", "unix:{theirs / "new.sock"}"]\n')
     server.signal(signal.SIGHUP)
     wait_until(lambda: "reload abandoned" in server.log, 10, message=lambda: server.log)
-    server.signal(signal.SIGUSR2)
-    wait_until(lambda: "upgrade abandoned" in server.log, 20, message=lambda: server.log)
+    server.signal(signal.SIGUSR2)  # refused as the log, the link vetoes no upgrade
+    wait_until(lambda: "upgraded in place" in server.log, 20, message=lambda: server.log)
+    after = server.log.rsplit("re-executing", 1)[1]
+    assert "cannot open log file" in after and "symbolic link" in after
     assert server.proc.poll() is None  # the same master, still serving
-    assert "symbolic link" in server.log.rsplit("upgrade abandoned", 1)[1].splitlines()[0]
 
 
 # -- the master never trusts what a worker writes -------------------------------------------
@@ -342,6 +396,49 @@ def test_a_worker_cannot_pass_for_another_process_in_status(
     assert shown == sorted(server.worker_pids())
 
 
+FAKE_MASTER = r"""
+import os, sys, time
+from prefork.heartbeat import Heartbeat
+from prefork.statuspage import MasterPage
+page, worker = MasterPage(), Heartbeat()
+worker.identify(1, 1, 1, 7)
+facts = dict(board=7, name="app:H", version="0.1.0", state="serving", generation=1,
+             reloading=None, workers=1, worker_class="sync", binds=["127.0.0.1:80"],
+             served_by_exited=0, pages=[[1, 1, 1, worker.fileno()]])
+page.publish({**facts, "pid": int(sys.argv[1]) or os.getpid()})
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("claimed", ["itself", "another"])
+def test_a_process_that_fakes_a_master_page_is_not_believed(
+    as_nobody: Interpreter, open_dir: Path, claimed: str
+):
+    """Any user can make a memfd named prefork-master: root's status showed PID 1 as a
+    worker of that process, with PID 1's memory and age."""
+    claim = "0" if claimed == "itself" else "1"
+    fake = subprocess.Popen(
+        [*DROP_TO_NOBODY, as_nobody.python, "-c", FAKE_MASTER, claim],
+        env={**os.environ, "PYTHONPATH": as_nobody.path},
+        cwd=open_dir,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert fake.stdout is not None and fake.stdout.readline() == "ready\n"
+        result = run_cli("status", "--json", str(fake.pid), cwd=open_dir)
+        if claimed == "itself":
+            assert result.returncode == 0, result.stderr
+            assert json.loads(result.stdout)["workers"] == []  # PID 1 is not its child
+        else:
+            assert result.returncode != 0 and "says it is PID 1" in result.stderr
+    finally:
+        fake.kill()
+        fake.wait(10)
+        fake.stdout.close()
+
+
 def test_status_pipe_messages_out_of_turn_steer_nothing(
     serve, open_dir: Path, as_nobody: Interpreter
 ):
@@ -356,6 +453,19 @@ def test_status_pipe_messages_out_of_turn_steer_nothing(
     assert ask(address, b"pipe " + b"x" * 150) in (b"done", b"")  # a flood: killed
     wait_until(lambda: "out of turn; killing it" in server.log, 10, message=lambda: server.log)
     wait_until(lambda: len(server.booted()) == 2, 10)
+    assert ask(address, b"ping") == b"done"
+    assert server.proc.poll() is None and "Traceback" not in server.log
+
+
+def test_a_message_honoured_once_cannot_be_repeated_for_ever(
+    serve, open_dir: Path, as_nobody: Interpreter
+):
+    """Under --max-requests a worker writing RETIRE without pause kept the root master at
+    90% CPU and was never killed: after the first, the rest were dropped in silence."""
+    server, address = _hostile_server(serve, open_dir, as_nobody, "--max-requests", "100000")
+    assert ask(address, b"pipe " + b"M" * 150) in (b"done", b"")
+    wait_until(lambda: "out of turn; killing it" in server.log, 10, message=lambda: server.log)
+    wait_until(lambda: len(server.booted()) == 2, 10)  # replaced
     assert ask(address, b"ping") == b"done"
     assert server.proc.poll() is None and "Traceback" not in server.log
 
@@ -432,6 +542,56 @@ def test_preload_of_code_someone_else_could_change_is_refused(
         )  # fmt: skip
         line = one_line(result)
         assert f"{option[0]} would import" in line and "runs as root" in line
+
+
+def _owned_by_nobody(path: Path) -> Path:
+    os.chown(path, NOBODY, NOBODY)
+    return path
+
+
+@pytest.mark.parametrize("option", ["--preload", "--server-class"])
+def test_code_the_master_imports_is_checked_module_by_module(
+    open_dir: Path, as_nobody: Interpreter, option: str
+):
+    """Only the top-level module was checked: a root-owned package whose one submodule
+    was nobody's, or a root-only module that imports a standard one which nobody had
+    planted in the start directory (first on the master's path), ran nobody's code as
+    root."""
+    marker = open_dir / "pwned"
+    evil = f"open({str(marker)!r}, 'w').write(str(__import__('os').getuid()))\n"
+    package = open_dir / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("from .handlers import H, S\n")
+    (package / "handlers.py").write_text(
+        evil + "import socketserver\nclass H(socketserver.BaseRequestHandler): pass\n"
+        "class S(socketserver.TCPServer): pass\n"
+    )
+    _owned_by_nobody(package / "handlers.py")
+    root_lib = open_dir / "rootlib"
+    root_lib.mkdir()
+    (root_lib / "rootmod.py").write_text(
+        "import xmlrpc.client, socketserver\n"
+        "class H(socketserver.BaseRequestHandler): pass\n"
+        "class S(socketserver.TCPServer): pass\n"
+    )
+    start_dir = open_dir / "theirs"  # the workers' user's: it plants a standard module
+    planted = start_dir / "xmlrpc"
+    planted.mkdir()
+    _owned_by_nobody(planted)
+    (planted / "__init__.py").write_text(evil)
+    _owned_by_nobody(planted / "__init__.py")
+    for module, cwd in (("pkg", open_dir), ("rootmod", start_dir)):
+        args = ("--preload",) if option == "--preload" else ("--server-class", f"{module}:S")
+        target = f"{module}:H" if option == "--preload" else "hostile:Echo"
+        result = run_cli(
+            "run", target, "-b", "127.0.0.1:0", "--user", "nobody", *args, cwd=cwd,
+            env={"PYTHONPATH": os.pathsep.join([as_nobody.path, str(root_lib), str(open_dir)])},
+            interpreter=as_nobody,
+        )  # fmt: skip
+        line = one_line(result)
+        assert "into the master, which runs as root" in line, line
+        assert "belongs to uid 65534" in line, line
+        assert not marker.exists(), f"{module}: nobody's code ran as uid {marker.read_text()}"
 
 
 def test_a_fifo_planted_as_the_log_is_refused_even_with_a_reader(

@@ -14,6 +14,10 @@
   (as Apache's mod_reqtimeout does: a client that keeps up MIN_RATE bytes a second never
   runs out), never above T; a write the client takes at once refills it (the client is
   keeping up; its next silence starts now). Running out raises ``ClientTimeout``.
+  ``--client-max-wait`` bounds the waiting added up over the whole connection, which
+  no byte gives back: a client that keeps just above MIN_RATE, or sends a small
+  request just inside every T on a kept-alive connection (refilling the allowance with
+  each prompt answer), would otherwise hold a thread worker's thread for ever.
 
 The kernel reports an expired timeout as EAGAIN on a blocking socket, which buffered
 readers (``rfile``) would take for the end of the stream: ``TimedConnection`` raises
@@ -45,7 +49,11 @@ _now = time.monotonic
 
 
 class ClientTimeout(TimeoutError):
-    """The client kept the handler waiting longer than --client-timeout allows."""
+    """The client kept the handler waiting longer than ``setting`` allows."""
+
+    def __init__(self, message: str, setting: str = "--client-timeout") -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class TimedConnection(socket.socket):
@@ -55,12 +63,14 @@ class TimedConnection(socket.socket):
     timeout) and ``DEFERRED`` (the listener defers accept: a first read must not wait).
     """
 
-    __slots__ = ("_prefork_allowance", "_prefork_fresh")
+    __slots__ = ("_prefork_allowance", "_prefork_fresh", "_prefork_budget")
     LIMIT = 10.0
     DEFERRED = False
+    MAX_WAIT = float("inf")  # --client-max-wait (0, off: infinite)
 
     def start(self) -> TimedConnection:
         self._prefork_allowance, self._prefork_fresh = self.LIMIT, self.DEFERRED
+        self._prefork_budget = self.MAX_WAIT
         return self
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
@@ -115,10 +125,17 @@ class TimedConnection(socket.socket):
         return flags
 
     def _spent(self, started: float, moved: int) -> None:
-        allowance = self._prefork_allowance - (_now() - started) + moved / MIN_RATE
+        waited = _now() - started
+        allowance = self._prefork_allowance - waited + moved / MIN_RATE
         self._prefork_allowance = min(allowance, self.LIMIT)
+        self._prefork_budget -= waited
         if allowance < 0:
             raise ClientTimeout(f"the client kept the handler waiting over {self.LIMIT:g}s")
+        if self._prefork_budget < 0:
+            raise ClientTimeout(
+                f"the client kept the handler waiting over {self.MAX_WAIT:g}s in all",
+                "--client-max-wait",
+            )
 
     def _wrote(self, started: float, moved: int) -> None:
         if _now() - started < KEEPING_UP:
@@ -141,10 +158,11 @@ _recv, _recv_into = socket.socket.recv, socket.socket.recv_into
 _send, _sendall = socket.socket.send, socket.socket.sendall
 
 
-def timed_connection(limit: float, deferred: bool) -> type[TimedConnection]:
-    """The connection class of one server: its client timeout, and whether its listener
-    defers accept."""
-    return type("TimedConnection", (TimedConnection,), {"LIMIT": limit, "DEFERRED": deferred})
+def timed_connection(limit: float, deferred: bool, max_wait: float = 0.0) -> type[TimedConnection]:
+    """The connection class of one server: its client timeout, whether its listener
+    defers accept, and its --client-max-wait (0: none)."""
+    attributes = {"LIMIT": limit, "DEFERRED": deferred, "MAX_WAIT": max_wait or float("inf")}
+    return type("TimedConnection", (TimedConnection,), attributes)
 
 
 def prepare(server: Any) -> None:
@@ -154,8 +172,9 @@ def prepare(server: Any) -> None:
     if timeout is None:
         connection_class: type[socket.socket] = socket.socket
     else:
-        deferred = bool(server.prefork_config.defer_accept) and _is_tcp(server.socket)
-        connection_class = timed_connection(timeout, deferred)
+        config = server.prefork_config
+        deferred = bool(config.defer_accept) and _is_tcp(server.socket)
+        connection_class = timed_connection(timeout, deferred, config.client_max_wait)
     # A Unix connection does not inherit the kernel's timeouts from its listener.
     per_connection = timeout if server.socket.family == socket.AF_UNIX else None
     stock = type(server).get_request is socketserver.TCPServer.get_request
