@@ -63,7 +63,7 @@ class Server:
         python = sys.executable
         if self.kind == "prefork":
             return [
-                python, "-m", "prefork", "run", f"benchmarks.apps:{self.handler.title()}",
+                python, "-m", "prefork", "run", self.app(),
                 "-b", f"127.0.0.1:{port}", "-w", str(self.workers), "-k", self.option,
                 "--log-level", "warning", *self.extra,
             ]  # fmt: skip
@@ -83,6 +83,12 @@ class Server:
             conf.write_text(NGINX_CONF.format(workers=self.workers, dir=workdir, port=port))
             return ["nginx", "-c", str(conf), "-p", str(workdir)]
         raise ValueError(self.kind)
+
+    def app(self) -> str:
+        """prefork's MODULE:OBJECT: "bare" is bare_app.py's (imports nothing), else apps.py's."""
+        if self.handler == "bare":
+            return "benchmarks.bare_app:Hello"
+        return f"benchmarks.apps:{self.handler.title()}"
 
     def missing(self) -> str | None:
         """Why this server cannot run here, with how to fix it; None if it can."""
@@ -106,14 +112,15 @@ def free_port() -> int:
 
 def answers(server: Server, port: int) -> bool:
     """One request of the server's protocol gets a full answer."""
-    request = b"GET / HTTP/1.0\r\n\r\n" if server.handler == "hello" else b"ready\n"
+    http = server.handler in ("hello", "bare")
+    request = b"GET / HTTP/1.0\r\n\r\n" if http else b"ready\n"
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
             conn.sendall(request)
             data = b""
             while chunk := conn.recv(4096):
                 data += chunk
-                if server.handler != "hello" and data.endswith(b"\n"):
+                if not http and data.endswith(b"\n"):
                     break
     except OSError:
         return False

@@ -91,6 +91,7 @@ class Arbiter:
         settings: Reconfigurer | None = None,
         reap_orphans: bool = False,
         close_listeners_on_stop: bool = False,
+        notify: Notifier | None = None,
     ) -> None:
         first = Generation(
             handover.generation if handover else 1, config, list(servers), config.workers
@@ -98,7 +99,7 @@ class Arbiter:
         self.generations = Generations(first, newest=handover.newest if handover else 0)
         self.pool = Pool(self, self.generations)
         self.name = name
-        self.notify = Notifier()
+        self.notify = notify or Notifier()  # prefork run's took the environment's at start
         self._route = route or signals.SignalRoute(signals.Wakeup(), signals.MASTER_SIGNALS)
         self._wakeup = self._route.wakeup
         self._selector = selectors.DefaultSelector()

@@ -8,6 +8,7 @@ over the environment, which wins over the defaults.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import socket
@@ -21,13 +22,12 @@ from typing import Any, Literal
 import click
 from click.core import ParameterSource
 
-from . import listeners, log, paths, trusted_import
-from . import status as prefork_status
+from . import listeners, log, paths
 from .access import prepare_access_log
 from .arbiter import Arbiter
 from .binds import Inherited, binds_to_open
 from .config import LIBRARY_SETTINGS, Config, env_var, flag_name
-from .config_file import find_config_file, read_config_file, to_toml
+from .config_file import find_config_file, read_config_file, to_toml, toml_module
 from .errors import ConfigError, PreforkError
 from .escape import printable
 from .handover import Handover, take_handover
@@ -36,7 +36,7 @@ from .mixin import PreForkMixIn
 from .paths import changeable_by_others
 from .process import Pidfile, reaps_orphans
 from .signals import MASTER_SIGNALS, SignalRoute, Wakeup, unblock_all
-from .systemd import take_listen_fds
+from .systemd import Notifier, take_listen_fds
 from .target import CHECK_TIMEOUT, Target, add_cwd_to_path, import_stdlib, module_source
 from .upgrade import CHECK_LISTENERS_ENV, CHECK_REPORT_ENV, Upgrader
 from .version import __version__
@@ -122,6 +122,8 @@ def run(
     started_in = os.getcwd()
     handover = take_handover()  # set when this image is a USR2 upgrade of the master
     passed = take_listen_fds()  # systemd socket activation, or an upgrade's sockets
+    notify = Notifier()  # systemd's NOTIFY_SOCKET and watchdog, taken before any app code
+    notify.take_environment()  # runs (the import check): app code must not speak for us
     given = given_options(ctx, options)
     try:
         if print_config:
@@ -150,7 +152,7 @@ def run(
         _warn_about_privileges(start.identity)
     except PreforkError as exc:
         raise StartupError(str(exc)) from None
-    serve(start, given, started_in, handover, passed, problem)
+    serve(start, given, started_in, handover, passed, notify, problem)
 
 
 @dataclass
@@ -196,9 +198,12 @@ def prepare(
     app_dir = os.getcwd()
     handler = None
     if config.preload or config.server_class:  # code the master imports itself
+        _import_what_is_imported_later()  # before the app's directory is on the path
         add_cwd_to_path(app_dir)
         _refuse_code_others_can_change(config, app, identity)
         if os.geteuid() == 0 and identity is not None and identity.uid != 0:
+            from . import trusted_import  # imported above, with importlib.abc
+
             trusted_import.install()  # and every module that code imports in turn
         # --server-class imports, is a class, and fits each bind whose kind is known
         # (an fd:// bind's kind is its socket's, seen when it is adopted).
@@ -215,7 +220,9 @@ def prepare(
         # In a throwaway child: the master never imports the app, only the parts of
         # the standard library it uses, which workers then inherit (target.py).
         if checked_stdlib is None:
-            stdlib = app.check(identity, app_dir, config.boot_timeout or CHECK_TIMEOUT)
+            timeout = config.boot_timeout or CHECK_TIMEOUT
+            # A start imports each module meanwhile; --check-config only reports them.
+            stdlib = app.check(identity, app_dir, timeout, None if checking else import_stdlib)
         else:
             stdlib = checked_stdlib
         import_stdlib(stdlib)
@@ -227,6 +234,22 @@ def prepare(
             if path and path != "-":
                 paths.check_appendable(path, owner, what)
     return Start(app, config, specs, identity, app_dir, handler, stdlib)
+
+
+# What the master imports only where it is needed, so that a start that never needs it
+# does not pay for it: an upgrade's check (subprocess, tempfile), --max-rss and the pid
+# file (psutil), the JSON log (datetime), the import guard (importlib.abc). A master
+# that puts the app's directory first on its path (--preload, --server-class) imports
+# them before it does: a file there named like one of them would otherwise stand in
+# for it, in a master that may be root.
+_IMPORTED_LATER = ("importlib.abc", "importlib.machinery", "subprocess", "tempfile",
+                   "datetime", "psutil", "prefork.trusted_import")  # fmt: skip
+
+
+def _import_what_is_imported_later() -> None:
+    for name in _IMPORTED_LATER:
+        importlib.import_module(name)
+    toml_module()  # a HUP reads the config file again
 
 
 def as_before(target: str, handover: Handover) -> Start:
@@ -278,6 +301,7 @@ def serve(
     started_in: str,
     handover: Handover | None,
     passed: list[tuple[int, str]],
+    notify: Notifier,
     upgrade_problem: str | None = None,
 ) -> None:
     """Bind (or adopt), write the pid file, and run the master until it stops.
@@ -330,8 +354,8 @@ def serve(
             settings=CliSettings(given, started_in, _inherited(passed, handover)),
             reap_orphans=reaps_orphans(),
             close_listeners_on_stop=True,
+            notify=notify,
         )
-        arbiter.notify.take_environment()  # not for the workers, nor what they start
         arbiter.upgrade_problem = upgrade_problem
         arbiter.run()
     except PreforkError as exc:
@@ -379,6 +403,8 @@ def status(
     """
     if (pid is None) == (pid_file is None):
         raise click.UsageError("give the master's PID or --pid FILE (one of them)")
+    from . import status as prefork_status  # here: `prefork run` does not pay for psutil
+
     try:
         if pid is None:
             assert pid_file is not None

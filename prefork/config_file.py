@@ -20,11 +20,6 @@ from .errors import ConfigError
 from .paths import read_small_file
 from .validate import check_type
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10
-    import tomli as tomllib
-
 
 def read_config_file(path: str, table: tuple[str, ...] = ()) -> dict[str, Any]:
     """Settings by field name from a TOML file (inside ``table``, e.g. tool.prefork).
@@ -64,16 +59,13 @@ def find_config_file(given: str | None, cwd: str = ".") -> tuple[str, tuple[str,
     if given:
         return given, ()
     pyproject = os.path.join(cwd, "pyproject.toml")
-    if not os.path.exists(pyproject):
+    if not os.path.exists(pyproject) or not _mentions_prefork(pyproject):
+        # A project's pyproject.toml that does not name us is not parsed: tomllib's import
+        # and the parse cost 5 ms of a start. (A table name spelled with escapes, such
+        # as "pref\u006frk", is not seen.) A file that names us must parse: its settings
+        # were meant for us, and starting without them would be wrong.
         return None
-    try:
-        tool = _parse_toml(pyproject).get("tool", {})
-    except ConfigError:
-        # Not ours to complain about, unless it names our table: then its settings were
-        # meant for us, and starting without them would be wrong.
-        if _mentions_prefork(pyproject):
-            raise
-        return None
+    tool = _parse_toml(pyproject).get("tool", {})
     has_table = isinstance(tool, dict) and "prefork" in tool
     return (pyproject, ("tool", "prefork")) if has_table else None
 
@@ -83,6 +75,15 @@ def _mentions_prefork(path: str) -> bool:
         return b"prefork" in read_small_file(path)
     except ConfigError:
         return False
+
+
+def toml_module() -> Any:
+    """tomllib (tomli before 3.11), imported on first use: a start without a file skips it."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on Python 3.10
+        import tomli as tomllib
+    return tomllib
 
 
 def _parse_toml(path: str) -> dict[str, Any]:
@@ -95,8 +96,10 @@ def _parse_toml(path: str) -> dict[str, Any]:
         text = read_small_file(path, "config file").decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not valid UTF-8") from None
+    tomllib = toml_module()
     try:
-        return tomllib.loads(text)
+        parsed: dict[str, Any] = tomllib.loads(text)
+        return parsed
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     except RecursionError:

@@ -26,9 +26,8 @@ from collections.abc import MutableMapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-import psutil
-
 from .heartbeat import MEMFD_NAME as WORKER_MEMFD_NAME
+from .process import parent_pid
 
 log = logging.getLogger("prefork.upgrade")
 
@@ -171,9 +170,8 @@ def checked(handover: Handover) -> Handover:
 
 
 def _not_ours(worker: AdoptedWorker) -> str:
-    try:
-        parent = psutil.Process(worker.pid).ppid()
-    except psutil.Error:
+    parent = parent_pid(worker.pid)
+    if parent is None:
         return "no such process"
     if parent != os.getpid():
         return f"it is not a child of this process (its parent is pid {parent})"

@@ -15,7 +15,6 @@ reopen.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import os
@@ -61,7 +60,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": datetime.datetime.fromtimestamp(record.created).astimezone().isoformat(),
+            "time": _iso_time(record.created),
             "level": record.levelname,
             "pid": record.process,
             "slot": getattr(record, "slot", "master"),
@@ -71,6 +70,12 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)
+
+
+def _iso_time(created: float) -> str:
+    import datetime  # here: only --log-format json pays for its import
+
+    return datetime.datetime.fromtimestamp(created).astimezone().isoformat()
 
 
 class LogFile(logging.StreamHandler):  # type: ignore[type-arg]

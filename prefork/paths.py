@@ -22,18 +22,15 @@ a time with ``O_NOFOLLOW``, holding a descriptor of each directory reached:
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
-import functools
 import os
-import secrets
 import socket
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .libc import libc
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_SYMLINKS = 40  # as the kernel's own path walk (ELOOP beyond)
@@ -263,7 +260,7 @@ def replace_file(path: str, data: bytes, mode: int = 0o644, what: str = "file") 
     ``path`` is replaced by the file, never written through."""
     action = f"cannot write {what} {path}"
     with parent_of(path, action) as (directory, name):
-        temporary = f".{name}.{secrets.token_hex(6)}"
+        temporary = f".{name}.{os.urandom(6).hex()}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             fd = os.open(temporary, flags, 0o600, dir_fd=directory)
@@ -387,21 +384,16 @@ def _bind_as(sock: socket.socket, path: str, owner: Owner | None, root_may: bool
 def _filesystem_identity(uid: int, gid: int) -> Iterator[None]:
     """setfsuid/setfsgid for this thread: files it creates belong to (uid, gid), and the
     kernel checks its access to them as that user's."""
-    libc = _libc()
-    previous_gid = libc.setfsgid(gid)
-    previous_uid = libc.setfsuid(uid)
+    c = libc()
+    previous_gid = c.setfsgid(gid)
+    previous_uid = c.setfsuid(uid)
     try:
-        if (libc.setfsuid(-1), libc.setfsgid(-1)) != (uid, gid):  # -1 asks, changes nothing
+        if (c.setfsuid(-1), c.setfsgid(-1)) != (uid, gid):  # -1 asks, changes nothing
             raise PathError(f"cannot create files as uid {uid}, gid {gid}")
         yield
     finally:
-        libc.setfsuid(previous_uid)
-        libc.setfsgid(previous_gid)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        c.setfsuid(previous_uid)
+        c.setfsgid(previous_gid)
 
 
 def _remove_stale_socket(directory: int, name: str, sock_type: int) -> None:

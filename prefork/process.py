@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
-import functools
 import os
 import signal
 import sys
 
-import psutil
 import setproctitle
 
 from .errors import EXIT_BOOT_ERROR, EXIT_IMPORT_ERROR, ConfigError
+from .libc import libc
 from .paths import read_small_file, replace_file, unlink_if
 from .signals import signal_name
 
@@ -29,18 +27,13 @@ def get_title() -> str:
 _PR_SET_PDEATHSIG, _PR_GET_CHILD_SUBREAPER = 1, 37
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
 def die_with_parent(parent: int) -> None:
     """The kernel kills this process (SIGKILL) when its parent dies, whatever it is doing
     (importing the app, blocked in a handler, waiting for a child); and it leaves now if
     its parent is already gone (the parent died before the request could be made).
     Again after a change of user: the kernel forgets the request then."""
     if sys.platform.startswith("linux"):
-        _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(0)
 
@@ -53,7 +46,7 @@ def reaps_orphans() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     flag = ctypes.c_int(0)
-    _libc().prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0)
+    libc().prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0)
     return bool(flag.value)
 
 
@@ -135,6 +128,8 @@ class Pidfile:
     def running_master(self) -> int | None:
         """The PID in the file, if that process is alive and a prefork master; else None
         (no file, garbage, a dead PID, or a PID reused by something else: stale)."""
+        import psutil  # here: a start without --pid does not pay for its import
+
         try:
             pid = self.read()
             process = psutil.Process(pid)
@@ -149,3 +144,14 @@ class Pidfile:
         if self._written:
             unlink_if(self.path, content=f"{self._written}\n".encode())
             self._written = 0
+
+
+def parent_pid(pid: int) -> int | None:
+    """Process ``pid``'s parent (/proc/PID/stat's fourth field, after the name in
+    parentheses, which may itself hold spaces and parentheses); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            fields = stat_file.read().rsplit(b")", 1)[1].split()
+        return int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None

@@ -13,8 +13,6 @@ import logging
 import time
 from collections.abc import Callable
 
-import psutil
-
 from .lifecycle import WorkerProcess
 
 log = logging.getLogger("prefork.arbiter")
@@ -77,6 +75,8 @@ class Recycler:
 
     def check_memory(self, workers: list[WorkerProcess], limit_mb: int) -> None:
         """Queue every ready worker whose resident memory is over ``limit_mb``."""
+        import psutil  # here: only --max-rss pays for its import, at its first check
+
         self.next_memory_check = time.monotonic() + MEMORY_CHECK_INTERVAL
         for worker in workers:
             if not worker.ready or not worker.live or self.busy(worker):

@@ -31,6 +31,7 @@ from typing import Any
 from .heartbeat import MEMFD_NAME as WORKER_MEMFD_NAME
 from .heartbeat import PAGE_SIZE, WorkerPage
 from .listeners import describe_server
+from .process import parent_pid
 from .version import __version__
 from .workers import worker_model
 
@@ -184,14 +185,7 @@ def read_boards(pid: int) -> list[Board]:
 
 
 def _is_child(pid: int, parent: int) -> bool:
-    """Whether process ``pid`` is a child of ``parent`` (/proc/PID/stat's fourth field,
-    after the name in parentheses, which may itself hold spaces and parentheses)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat_file:
-            fields = stat_file.read().rsplit(b")", 1)[1].split()
-        return int(fields[1]) == parent
-    except (OSError, IndexError, ValueError):
-        return False
+    return parent_pid(pid) == parent
 
 
 def _page_kind(fd_dir: str, name: str) -> str | None:

@@ -9,7 +9,9 @@ The check reports which standard-library modules the app's import pulled in, and
 master imports those (``import_stdlib``). Every worker then inherits them already
 imported: a worker replaced after a crash, or a reload's new generation, boots in a
 few milliseconds instead of re-importing http.server or email, and the modules' memory
-is shared copy-on-write.
+is shared copy-on-write. At a start the child names each standard module as its import
+begins, and the master imports it at once, on the other core: the check and the
+master's imports overlap instead of adding up (35 + 25 ms on the HTTP example).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import select
 import signal
 import socketserver
@@ -35,6 +38,8 @@ from .process import die_with_parent, set_title
 log = logging.getLogger("prefork.target")
 
 CHECK_TIMEOUT = 600.0  # seconds an import check may take when --boot-timeout is 0 (off)
+CHECK_SAYS_AT_MOST = 1 << 20  # bytes the check child may write: it runs the app's code
+_END_OF_NAMES = b"\0"  # the child's names as they come, then this, then its answer
 
 
 @dataclass(frozen=True)
@@ -95,15 +100,18 @@ class Target:
         identity: Identity | None = None,
         app_dir: str | None = None,
         timeout: float = CHECK_TIMEOUT,
+        on_stdlib: Callable[[list[str]], int] | None = None,
     ) -> list[str]:
         """Import the target in a throwaway child; raise AppImportError if that fails.
 
         A child, so a broken or half-imported app never lands in the master's memory;
         as the workers' ``identity``, so an app they cannot read fails here, and from
         ``app_dir`` (on the child's path only). Returns the standard-library modules the
-        import pulled in (see ``import_stdlib``). An import still running after
-        ``timeout`` seconds (stuck, or stopped by the workers' user, whose process it
-        is) is killed and fails the check.
+        import pulled in (see ``import_stdlib``). ``on_stdlib`` is called meanwhile with
+        the standard modules whose import the child has begun, as they come: untrusted
+        names (the app's code may write anything), for ``import_stdlib`` to filter. An
+        import still running after ``timeout`` seconds (stuck, or stopped by the workers'
+        user, whose process it is) is killed and fails the check.
         """
         read_fd, write_fd = os.pipe()
         parent = os.getpid()
@@ -120,26 +128,32 @@ class Target:
                         die_with_parent(parent)  # forgotten at the change of user
                     add_cwd_to_path(app_dir)
                     before = set(sys.modules)
+                    if on_stdlib is not None:
+                        sys.addaudithook(_name_stdlib_imports(write_fd))
                     self.load()
                     stdlib = stdlib_modules(set(sys.modules) - before)
                     message = "\n".join(["ok", *stdlib]).encode()
                 except (AppImportError, IdentityError) as exc:
                     message = str(exc).encode("utf-8", "replace")
                 with os.fdopen(write_fd, "wb") as pipe:
-                    pipe.write(message)
+                    pipe.write(_END_OF_NAMES + message)
                 code = 0
             finally:
                 os._exit(code)
         os.close(write_fd)
         try:
-            data = _read_until_closed(read_fd, time.monotonic() + timeout)
-        except TimeoutError:
+            data = _read_until_closed(read_fd, time.monotonic() + timeout, on_stdlib)
+        except BaseException as exc:  # no child left behind, whatever the cause
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-            raise AppImportError(
-                f"cannot import {self.module!r}: the import took over {timeout:g}s (--boot-timeout)"
-            ) from None
+            if isinstance(exc, TimeoutError):
+                why = f"the import took over {timeout:g}s (--boot-timeout)"
+            elif isinstance(exc, OverflowError):
+                why = f"the import check wrote over {CHECK_SAYS_AT_MOST} bytes to the master"
+            else:
+                raise  # on_stdlib's, or a signal's
+            raise AppImportError(f"cannot import {self.module!r}: {why}") from None
         finally:
             os.close(read_fd)
         _, status = os.waitpid(pid, 0)
@@ -153,16 +167,50 @@ class Target:
         return rest.split()
 
 
-def _read_until_closed(fd: int, deadline: float) -> bytes:
-    chunks: list[bytes] = []
+def _name_stdlib_imports(fd: int) -> Callable[[str, tuple[Any, ...]], None]:
+    """An audit hook for the check child: name each standard module as its import
+    begins (the master imports it meanwhile), before its code runs; once each, so that
+    an app that retries an import in a loop does not fill the pipe."""
+    named: set[str] = set()
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if event != "import":
+            return
+        try:  # nothing of ours may fail the app's import
+            name = args[0]
+            if name not in named and _is_stdlib(name):
+                named.add(name)
+                os.write(fd, name.encode() + b"\n")
+        except Exception:  # noqa: S110 - a name not sent is imported by the workers
+            pass
+
+    return hook
+
+
+def _read_until_closed(
+    fd: int, deadline: float, on_stdlib: Callable[[list[str]], int] | None
+) -> bytes:
+    """What the check child wrote after its names, passing those to ``on_stdlib`` as
+    they come; TimeoutError past ``deadline``, OverflowError past CHECK_SAYS_AT_MOST."""
+    data = bytearray()
+    names_end, told = -1, 0  # where the names end (the NUL), how far they were passed on
     while True:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
             raise TimeoutError
         chunk = os.read(fd, 65536)
         if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
+            return bytes(data[names_end + 1 :]) if names_end >= 0 else b""
+        scanned = len(data)
+        data += chunk
+        if len(data) > CHECK_SAYS_AT_MOST:
+            raise OverflowError
+        if names_end < 0:  # look in the new bytes only
+            names_end = data.find(_END_OF_NAMES, scanned)
+            upto = names_end if names_end >= 0 else data.rfind(b"\n", scanned) + 1
+            if on_stdlib is not None and upto > told:
+                on_stdlib(data[told:upto].decode("ascii", "replace").split())
+            told = max(told, upto)
 
 
 # Standard-library modules never imported ahead of the app: they act when imported
@@ -175,10 +223,24 @@ _NOT_AHEAD = frozenset(
 
 def stdlib_modules(names: set[str]) -> list[str]:
     """The standard library's modules among ``names`` (submodules included)."""
-    return sorted(
-        name
-        for name in names
-        if (top := name.partition(".")[0]) in sys.stdlib_module_names and top not in _NOT_AHEAD
+    return sorted(name for name in names if _is_stdlib(name))
+
+
+# Submodules never imported ahead either: a package's __main__ runs its command line
+# (unittest.__main__ runs tests, and exits), test packages are for tools, and
+# "logging.__init__" would be a second copy of the package (its own root logger).
+_NOT_AHEAD_PARTS = frozenset({"__main__", "__init__", "test", "tests", "idle_test"})
+_DOTTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _is_stdlib(name: str) -> bool:
+    if not _DOTTED_NAME.fullmatch(name):  # names come from the app's process
+        return False
+    top, *rest = name.split(".")
+    return (
+        top in sys.stdlib_module_names
+        and top not in _NOT_AHEAD
+        and _NOT_AHEAD_PARTS.isdisjoint(rest)
     )
 
 
@@ -201,7 +263,7 @@ def import_stdlib(names: list[str]) -> int:
             try:
                 importlib.import_module(name)
                 imported += 1
-            except Exception:
+            except (Exception, SystemExit):  # a module that exits when imported, too
                 log.debug("importing %s ahead of the workers failed", name, exc_info=True)
     return imported
 

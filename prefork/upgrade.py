@@ -23,13 +23,11 @@ import fcntl
 import logging
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from . import signals
 from .handover import HANDOVER_FD_ENV, AdoptedWorker, Handover, checked, write_handover
@@ -37,6 +35,9 @@ from .heartbeat import Heartbeat
 from .lifecycle import State, Timeouts, WorkerProcess
 from .systemd import LISTEN_FDS_START
 from .target import CHECK_TIMEOUT
+
+if TYPE_CHECKING:
+    import subprocess
 
 log = logging.getLogger("prefork.upgrade")
 
@@ -48,7 +49,7 @@ CHECK_TIMEOUT_MAX = 86400.0  # seconds the check may take at most, whatever the 
 # it starts in at the head of sys.path (``-m`` and ``-c`` put it there). That directory
 # is the app's, which the workers' user may be able to write to, and the master that
 # imports prefork, click and the rest here may be root.
-_REEXEC = "import sys; del sys.path[0]; from prefork.cli import main; main()"
+_REEXEC = "import sys; del sys.path[0]; from prefork.__main__ import main; main()"
 
 
 @dataclass(frozen=True)
@@ -61,13 +62,16 @@ class Check:
     """``prefork run ... --check-config`` in a child the loop polls."""
 
     def __init__(self, argv: list[str], cwd: str, timeout: float, inherited: int) -> None:
+        import subprocess  # here: 7 ms that a start that never upgrades need not pay
+        import tempfile
+
         # Files, not pipes: nothing to drain while the child runs (closed in _done).
         self._out: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         self._err: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         env = {**os.environ, CHECK_LISTENERS_ENV: str(inherited), CHECK_REPORT_ENV: "1"}
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
-        self._proc = subprocess.Popen(
+        self._proc: subprocess.Popen[bytes] = subprocess.Popen(
             [sys.executable, "-c", _REEXEC, *argv, "--check-config"],
             cwd=cwd,
             env=env,
@@ -99,6 +103,8 @@ class Check:
         return self._done(last or f"the check exited with status {code}")
 
     def cancel(self) -> None:
+        import subprocess
+
         with contextlib.suppress(OSError):
             self._proc.send_signal(signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired, ChildProcessError):

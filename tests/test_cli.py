@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -288,3 +289,112 @@ def test_check_reports_the_stdlib_the_app_imports_and_the_master_imports_it(
     assert import_stdlib([*names, "helper_mod", "this"]) >= 1
     assert "colorsys" in sys.modules
     assert "helper_mod" not in sys.modules and "this" not in sys.modules
+
+
+def test_the_master_imports_the_stdlib_while_the_check_still_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The start-up overlap: the child names each standard module as its import begins,
+    # and the master is told before the app's import has finished (here it cannot
+    # finish until the master has heard of colorsys: it waits for a file made then).
+    go = tmp_path / "go"
+    (tmp_path / "slowapp.py").write_text(
+        "import colorsys, os, socketserver, time\n"
+        "deadline = time.monotonic() + 10\n"
+        f"while not os.path.exists({str(go)!r}) and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)\n"
+        f"if not os.path.exists({str(go)!r}):\n"
+        "    raise ImportError('the master was not told while the import ran')\n"
+        "class H(socketserver.BaseRequestHandler):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)  # imported afresh: named
+    heard: list[list[str]] = []
+
+    def on_stdlib(names: list[str]) -> int:
+        heard.append(names)
+        if "colorsys" in names:
+            go.touch()
+        return 0
+
+    names = Target.parse("slowapp:H").check(timeout=30, on_stdlib=on_stdlib)
+    assert go.exists(), heard  # told while the import was still waiting
+    assert "colorsys" in names
+    streamed = {name for batch in heard for name in batch}
+    assert "slowapp" not in streamed  # the app's own modules are never named
+
+
+def test_a_check_that_floods_its_pipe_fails_in_one_short_line(app_dir: Path) -> None:
+    # The child runs the app's code, which can write to the pipe the master reads:
+    # what the master keeps of it is bounded, and so is the error line.
+    (app_dir / "floodapp.py").write_text(
+        "import os, socketserver, stat\n"
+        "for name in os.listdir('/proc/self/fd'):\n"
+        "    try:\n"
+        "        if int(name) > 2 and stat.S_ISFIFO(os.fstat(int(name)).st_mode):\n"
+        "            os.set_blocking(int(name), True)\n"
+        "            for _ in range(40):\n"
+        "                os.write(int(name), b'x' * 65536)\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "class H(socketserver.BaseRequestHandler):\n    pass\n"
+    )
+    result = run_cli("run", "floodapp:H", "-b", "127.0.0.1:0", cwd=app_dir)
+    assert_one_line_error(result, "cannot import 'floodapp'", "wrote over")
+    assert len(result.stderr) < 300
+
+
+def test_importing_prefork_leaves_the_garbage_collector_as_it_was() -> None:
+    # prefork pauses collection while its own modules import (a start-up cost), and
+    # a library user's setting, on or off, is what it finds afterwards.
+    for setting in ("gc.enable()", "gc.disable()"):
+        code = f"import gc; {setting}; before = gc.isenabled(); import prefork, prefork.cli; "
+        code += "assert gc.isenabled() == before, before"
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def _reporting_app(path: Path, expression: str, per_process: bool = False) -> None:
+    """An app that writes repr(expression), as its import saw it, to $REPORT (+ its pid)."""
+    where = "os.environ['REPORT'] + str(os.getpid())" if per_process else "os.environ['REPORT']"
+    path.write_text(
+        "import gc, os, socketserver\n"
+        f"with open({where}, 'w') as f:\n"
+        f"    f.write(repr({expression}))\n"
+        "class H(socketserver.BaseRequestHandler):\n    pass\n"
+    )
+
+
+def test_the_apps_code_runs_with_the_garbage_collector_on(app_dir: Path, tmp_path: Path) -> None:
+    # The pause is for prefork's own imports: an app that makes cyclic garbage as it
+    # imports (in the check, or in the master with --preload) must have it collected.
+    _reporting_app(app_dir / "gcapp.py", "gc.isenabled()", per_process=True)
+    for extra in ((), ("--preload",)):
+        result = run_cli(
+            "run", "gcapp:H", "-b", "127.0.0.1:0", "--check-config", *extra,
+            cwd=app_dir, env={"REPORT": str(tmp_path / "gc-")},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    seen = [path.read_text() for path in tmp_path.glob("gc-*")]
+    assert len(seen) == 2 and set(seen) == {"True"}, seen
+
+
+def test_the_import_check_does_not_see_systemds_variables(app_dir: Path, tmp_path: Path) -> None:
+    # The check runs the app's code: with NotifyAccess=all it could speak for the service.
+    seen = "[os.environ.get(n) for n in ('NOTIFY_SOCKET', 'WATCHDOG_USEC')]"
+    _reporting_app(app_dir / "envapp.py", seen)
+    report = tmp_path / "env"
+    env = {"REPORT": str(report), "NOTIFY_SOCKET": str(tmp_path / "nosuch.sock")}
+    env["WATCHDOG_USEC"] = "30000000"
+    result = run_cli("run", "envapp:H", "-b", "127.0.0.1:0", "--check-config", cwd=app_dir, env=env)
+    assert result.returncode == 0, result.stderr
+    assert report.read_text() == "[None, None]"
+
+
+def test_names_from_the_check_that_would_run_code_are_never_imported() -> None:
+    # The names come from the app's process: a package's __main__ runs its command line
+    # (unittest.__main__ ran unittest in the master, and exited), test packages are tools.
+    names = {"unittest.__main__", "ctypes.test", "json.tests", "os; import x", "json", "..x",
+             "logging.__init__"}  # fmt: skip
+    assert stdlib_modules(names) == ["json"]
+    assert import_stdlib(["unittest.__main__", "logging.__init__"]) == 0
+    assert "unittest.__main__" not in sys.modules and "logging.__init__" not in sys.modules

@@ -389,8 +389,12 @@ def test_a_child_a_handler_starts_keeps_no_socket_nor_systemd_variable(
         assert not [c for c in process.net_connections("all") if c.status == psutil.CONN_LISTEN]
 
         def beyond_stdio() -> dict[str, str]:
-            fds = f"/proc/{sleeper}/fd"
-            return {n: os.readlink(f"{fds}/{n}") for n in os.listdir(fds) if int(n) > 2}
+            fds, found = f"/proc/{sleeper}/fd", {}
+            for n in os.listdir(fds):
+                if int(n) > 2:
+                    with contextlib.suppress(FileNotFoundError):  # closed since listdir
+                        found[n] = os.readlink(f"{fds}/{n}")
+            return found
 
         # Until sleep(1) is in its sleep, the dynamic loader may hold a library open
         # for a moment; what was inherited stays.
@@ -462,3 +466,116 @@ def test_an_upgrade_that_fails_after_re_executing_serves_on(
     wait_until(lambda: "reload complete" in server.log, 30, message=lambda: server.log)
     wait_until(lambda: len(server.booted()) == 2 and not set(server.booted()) & before, 10)
     assert int(echo_line(listener.getsockname(), b"pid")) in server.booted()
+
+
+# -- the shipped examples/systemd units ------------------------------------------------------------
+UNITS = Path(__file__).resolve().parent.parent / "examples" / "systemd"
+
+
+def _unit_value(unit: str, key: str) -> str:
+    for line in (UNITS / unit).read_text().splitlines():
+        if line.startswith(f"{key}="):
+            return line.partition("=")[2].strip()
+    raise AssertionError(f"{unit} has no {key}=")
+
+
+def _http_get(address: tuple[str, int], path: str = "/") -> bytes:
+    with socket.create_connection(address, timeout=10) as conn:
+        conn.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        data = b""
+        while chunk := conn.recv(4096):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 OK"), data
+    return data.partition(b"\r\n\r\n")[2]
+
+
+@needs_activate
+def test_the_shipped_systemd_units_reload_and_upgrade(serve, notify: NotifyListener):
+    """examples/systemd as systemd would run them: the socket unit's ListenStream (on a
+    free port here, not 8000), the service's ExecStart without --bind, its notify
+    protocol. HUP and USR2 deploy (they were abandoned on "address already in use")
+    and open no second listener."""
+    assert _unit_value("prefork-hello.service", "Type") == "notify-reload"
+    assert _unit_value("prefork-hello.service", "ReloadSignal") == "SIGHUP"
+    assert ":" in _unit_value("prefork-hello.socket", "ListenStream")
+    command = _unit_value("prefork-hello.service", "ExecStart").split()
+    assert command[:2] == ["/srv/prefork-hello/.venv/bin/prefork", "run"]
+    assert not any(arg.startswith(("-b", "--bind")) for arg in command)
+    port = free_port()
+    env = {"NOTIFY_SOCKET": str(notify.sock.getsockname())}
+    launcher = [ACTIVATE, f"--listen={port}", "--setenv=NOTIFY_SOCKET"]
+    for name in ("PYTHONPATH", "PATH", "HOME"):
+        launcher.append(f"--setenv={name}")
+    server = serve(*command[2:], launcher=launcher, env=env, cwd=UNITS.parent.parent)
+    wait_until(lambda: "Listening on" in server.log, 10, message=lambda: server.log)
+    address = (port.partition(":")[0], int(port.partition(":")[2]))
+    assert _http_get(address) == b"Hello, world!\n"  # the first connection starts it
+    wait_until(lambda: notify.heard("READY=1"), 20, message=lambda: server.log)
+    before = listening(server.pid)
+    for sig, done in [
+        (signal.SIGHUP, "reload complete: generation 2"),
+        (signal.SIGUSR2, "reload complete: generation 3"),
+    ]:
+        mark = len(notify.messages)
+        server.signal(sig)
+        wait_until(lambda d=done: d in server.log, 30, message=lambda: server.log)
+        wait_until(lambda m=mark: any("READY=1" in x for x in notify.since(m)), 10)
+        assert any(x.startswith("RELOADING=1") for x in notify.since(mark))
+        assert _http_get(address) == b"Hello, world!\n"
+    assert listening(server.pid) == before == {address[1]}
+    assert "address already in use" not in server.log and "Traceback" not in server.log
+
+
+@needs_activate
+@pytest.mark.parametrize("bind", [(), ("-b", "fd://4")])
+def test_two_passed_sockets_reload_and_upgrade_under_load(
+    serve, deploy: Path, tmp_path: Path, bind: tuple[str, ...]
+):
+    """A TCP and a Unix socket from systemd, named, with no bind or with fd:// naming the
+    second: both serve through HUP and USR2 under load, and nothing else is bound."""
+    path = str(tmp_path / "admin.sock")
+    server, address = activated(
+        serve, deploy, [free_port(), path], "deployed:Echo", "-w", "2", *bind,
+        extra=["--fdname=web:admin"],
+    )  # fmt: skip
+    server.wait_ready(2)
+    before = listening(server.pid)
+    assert before == {address[1], path}
+    with Load(address) as tcp, Load(path) as unix:
+        for sig, done in [
+            (signal.SIGHUP, "reload complete: generation 2"),
+            (signal.SIGUSR2, "reload complete: generation 3"),
+        ]:
+            server.signal(sig)
+            wait_until(lambda d=done: d in server.log, 30, message=lambda: server.log)
+    assert tcp.ok > 0 and unix.ok > 0 and tcp.failed == [] and unix.failed == []
+    assert listening(server.pid) == before
+    assert f"{path} (admin)" in server.log and "Traceback" not in server.log
+
+
+@needs_activate
+def test_a_passed_udp_socket_serves_through_a_reload_and_an_upgrade(serve, deploy: Path):
+    """A datagram socket from systemd (systemd-socket-activate --datagram starts the
+    command at the first datagram, which waits in the socket for the first worker)."""
+    port = free_port()
+    launcher = [ACTIVATE, "--datagram", f"--listen={port}"]
+    for name in ("PYTHONPATH", "PATH", "HOME"):
+        launcher.append(f"--setenv={name}")
+    server = serve("deployed:Echo", "-w", "1", launcher=launcher, cwd=deploy)
+    wait_until(lambda: "Listening on" in server.log, 10, message=lambda: server.log)
+    address = (port.partition(":")[0], int(port.partition(":")[2]))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(20)
+        client.sendto(b"first", address)
+        assert client.recv(16) == b"first"  # served once prefork is up
+        server.wait_ready(1)
+        client.settimeout(5)
+        for sig, done in [
+            (signal.SIGHUP, "reload complete: generation 2"),
+            (signal.SIGUSR2, "reload complete: generation 3"),
+        ]:
+            server.signal(sig)
+            wait_until(lambda d=done: d in server.log, 30, message=lambda: server.log)
+            client.sendto(b"after", address)
+            assert client.recv(16) == b"after"
+    assert listening(server.pid) == {address[1]}

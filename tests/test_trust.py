@@ -649,3 +649,52 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def test_modules_the_master_imports_later_never_come_from_the_start_directory(
+    serve, open_dir: Path, as_nobody: Interpreter
+):
+    """Some standard modules are imported only when first needed (importlib.abc for the
+    import guard, subprocess and tempfile for an upgrade, shutil through them): with
+    --server-class the start directory is first on the master's path by then, and a
+    shutil.py the workers' user planted there ran as root."""
+    marker = open_dir / "pwned"
+    evil = f"open({str(marker)!r}, 'w').write(str(__import__('os').getuid()))\n"
+    start_dir = open_dir / "theirs"
+    for name in ("shutil", "subprocess", "tempfile", "datetime", "psutil", "tomllib"):
+        (start_dir / f"{name}.py").write_text(evil)
+        _owned_by_nobody(start_dir / f"{name}.py")
+    root_lib = open_dir / "rootlib"
+    root_lib.mkdir()
+    (root_lib / "rootserver.py").write_text(
+        "import socketserver\nclass S(socketserver.TCPServer): pass\n"
+    )
+    # As the prefork command starts (and USR2 re-executes): without the start directory
+    # first on sys.path, which `python -m` would put there.
+    command = "import sys; del sys.path[0]; from prefork.cli import main; main()"
+    path = os.pathsep.join([as_nobody.path, str(root_lib), str(open_dir)])
+    result = subprocess.run(
+        [as_nobody.python, "-c", command, "run", "hostile:Echo", "-b", "127.0.0.1:0",
+         "--user", "nobody", "--server-class", "rootserver:S", "--check-config"],
+        cwd=start_dir, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": path},
+    )  # fmt: skip
+    assert not marker.exists(), f"nobody's code ran as uid {marker.read_text()}"
+    assert result.returncode == 0, result.stderr
+    # And a running master, through what makes it import more: USR2 (subprocess,
+    # tempfile), HUP, --max-rss (psutil). `python -m` puts the start directory (root's here) first;
+    # --chdir makes the workers' user's directory the app's.
+    server = serve(
+        "hostile:Echo", "-w", "1", "-b", "127.0.0.1:0", "--user", "nobody",
+        "--server-class", "rootserver:S", "--chdir", str(start_dir), "--max-rss", "500",
+        cwd=open_dir, interpreter=as_nobody, env={"PYTHONPATH": path},
+    )  # fmt: skip
+    server.wait_ready(1)
+    for sig, done in [
+        (signal.SIGUSR2, "reload complete: generation 2"),
+        (signal.SIGHUP, "reload complete: generation 3"),
+    ]:
+        server.signal(sig)
+        wait_until(lambda d=done: d in server.log, 30, message=lambda: server.log)
+    assert not marker.exists(), f"nobody's code ran as uid {marker.read_text()}"
+    assert "refusing to import" not in server.log, server.log

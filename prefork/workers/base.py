@@ -28,7 +28,7 @@ from functools import partial
 from typing import Any, NoReturn
 
 from .. import log as prefork_log
-from .. import reloader, signals
+from .. import signals
 from ..access import AccessLog
 from ..errors import EXIT_BOOT_ERROR, EXIT_IMPORT_ERROR, EXIT_OK, AppImportError, PreforkError
 from ..heartbeat import Heartbeat
@@ -173,6 +173,8 @@ class Worker:
             for server in self.servers:
                 server.RequestHandlerClass = handler_class
         if spec.watch_code:
+            from .. import reloader  # only --reload pays for its imports
+
             reloader.start_watching(reloader.module_files(), self._code_changed)
         if plan.access_log:
             self.access = AccessLog(plan.access_log, plan.log_format, spec.nr)
