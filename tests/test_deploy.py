@@ -14,7 +14,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -116,6 +116,15 @@ def listening(pid: int) -> set[object]:
     return addresses
 
 
+def reload_then_upgrade(server, after_each: Callable[[], object] = lambda: None) -> None:
+    """HUP, then USR2, each waited for until its generation (2, then 3) serves."""
+    for sig, generation in ((signal.SIGHUP, 2), (signal.SIGUSR2, 3)):
+        server.signal(sig)
+        done = f"reload complete: generation {generation}"
+        wait_until(lambda d=done: d in server.log, 30, message=lambda: server.log)
+        after_each()
+
+
 class Load:
     """Clients in a thread, one request per connection, counting what fails."""
 
@@ -158,12 +167,7 @@ def test_socket_activation_reloads_and_upgrades_with_no_extra_listener(
     before = listening(server.pid)
     assert before == {address[1]}
     with Load(address) as load:
-        for sig, done in [
-            (signal.SIGHUP, "reload complete: generation 2"),
-            (signal.SIGUSR2, "reload complete: generation 3"),
-        ]:
-            server.signal(sig)
-            wait_until(lambda d=done: d in server.log, 30, message=lambda: server.log)
+        reload_then_upgrade(server)
     assert load.ok > 0 and load.failed == []
     assert listening(server.pid) == before
     assert "127.0.0.1:8000" not in server.log and "Traceback" not in server.log
@@ -542,12 +546,7 @@ def test_two_passed_sockets_reload_and_upgrade_under_load(
     before = listening(server.pid)
     assert before == {address[1], path}
     with Load(address) as tcp, Load(path) as unix:
-        for sig, done in [
-            (signal.SIGHUP, "reload complete: generation 2"),
-            (signal.SIGUSR2, "reload complete: generation 3"),
-        ]:
-            server.signal(sig)
-            wait_until(lambda d=done: d in server.log, 30, message=lambda: server.log)
+        reload_then_upgrade(server)
     assert tcp.ok > 0 and unix.ok > 0 and tcp.failed == [] and unix.failed == []
     assert listening(server.pid) == before
     assert f"{path} (admin)" in server.log and "Traceback" not in server.log
@@ -570,12 +569,10 @@ def test_a_passed_udp_socket_serves_through_a_reload_and_an_upgrade(serve, deplo
         assert client.recv(16) == b"first"  # served once prefork is up
         server.wait_ready(1)
         client.settimeout(5)
-        for sig, done in [
-            (signal.SIGHUP, "reload complete: generation 2"),
-            (signal.SIGUSR2, "reload complete: generation 3"),
-        ]:
-            server.signal(sig)
-            wait_until(lambda d=done: d in server.log, 30, message=lambda: server.log)
+
+        def answered() -> None:
             client.sendto(b"after", address)
             assert client.recv(16) == b"after"
+
+        reload_then_upgrade(server, answered)
     assert listening(server.pid) == {address[1]}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import SERVER_FIRST, is_running, run_cli, wait_until
+from conftest import SERVER_FIRST, echo_line, is_running, run_cli, wait_until
 
 APP = r'''
 import os, socketserver, time
@@ -65,12 +65,7 @@ def life(app_dir: Path) -> Path:
 
 
 def ask(address: object, line: bytes = b"who", timeout: float = 10.0) -> bytes:
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-    with socket.socket(family) as conn:
-        conn.settimeout(timeout)
-        conn.connect(address)
-        conn.sendall(line + b"\n")
-        return conn.makefile("rb").readline().strip()
+    return echo_line(address, line, timeout).strip()
 
 
 def pid_of_slot(server, nr: int) -> int:

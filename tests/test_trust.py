@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import DROP_TO_NOBODY, Interpreter, run_cli, wait_until
+from conftest import DROP_TO_NOBODY, Interpreter, echo_line, run_cli, wait_until
 
 NOBODY = 65534
 
@@ -113,12 +113,7 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def ask(address: object, line: bytes = b"ping", timeout: float = 10.0) -> bytes:
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-    with socket.socket(family) as conn:
-        conn.settimeout(timeout)
-        conn.connect(address)
-        conn.sendall(line + b"\n")
-        return conn.makefile("rb").readline().strip()
+    return echo_line(address, line, timeout).strip()
 
 
 # -- paths root touches -------------------------------------------------------------------
