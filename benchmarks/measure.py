@@ -243,7 +243,7 @@ def keepalive_clients(server: Server, clients: int = 16, wait: float = 2.0) -> d
     return {"server": server.name, "clients": clients, "answered": len(answered), "within_s": wait}
 
 
-def startup(servers: list[Server], rounds: int = 9) -> list[dict[str, Any]]:
+def startup(servers: list[Server], rounds: int = 21) -> list[dict[str, Any]]:
     """Milliseconds from starting the command to its first answered request: the
     median and the fastest of ``rounds`` starts, the servers taking turns so that a
     slow moment of the machine falls on all of them alike."""

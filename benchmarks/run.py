@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         extras["startup"] = measure.startup(
             [_prefork("hello", 2), _prefork("bare", 2), _floor("hello", 2),
              _stdlib("hello", "threading"), _gunicorn(2, "sync")],
-            rounds=1 if args.smoke else 9,
+            rounds=1 if args.smoke else 21,
         )  # fmt: skip
         extras["memory"] = measure.memory()
     report = {

@@ -1,18 +1,23 @@
-"""prefork: a supervised pre-fork worker server for socketserver request handlers."""
+"""prefork: a supervised pre-fork worker server for socketserver request handlers.
+
+The server classes are imported on first use (PEP 562): ``prefork run`` imports this
+package before its command, and reads and checks its settings before it needs them
+(cli.py imports them while the import check runs).
+"""
 
 from __future__ import annotations
 
-import gc
+import importlib
+from typing import TYPE_CHECKING, Any
 
-# Importing builds thousands of objects (classes, dataclasses' generated methods) and
-# frees none: collections run meanwhile find nothing and cost 10-15% of the import,
-# which is on the path of every start. Paused for prefork's own modules only; the
-# caller's setting is restored.
-_collecting = gc.isenabled()
-gc.disable()
-try:
+from . import collector
+
+with collector.paused():  # for prefork's own modules only (collector.py says why)
     from .config import Config
     from .errors import AppImportError, BindError, BootError, ConfigError, PreforkError
+    from .version import __version__
+
+if TYPE_CHECKING:
     from .mixin import PreForkMixIn
     from .servers import (
         PreForkForkingTCPServer,
@@ -28,12 +33,32 @@ try:
         PreForkUnixDatagramServer,
         PreForkUnixStreamServer,
     )
-    from .version import __version__
     from .worker_process import WorkerInfo
-finally:
-    if _collecting:
-        gc.enable()
-    del _collecting
+
+_LATER = {
+    "PreForkMixIn": "mixin",
+    "WorkerInfo": "worker_process",
+    **{
+        f"PreFork{model}{kind}Server": "servers"
+        for model in ("", "Forking", "Threading")
+        for kind in ("TCP", "UDP", "UnixStream", "UnixDatagram")
+    },
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LATER.get(name)
+    if module is None:
+        raise AttributeError(f"module 'prefork' has no attribute {name!r}")
+    with collector.paused():
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once: the next look-up is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "AppImportError",

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import gc
+from . import collector
 
 
 def main() -> None:
-    # Importing click and the whole server and building the command make thousands of
-    # objects, none of them garbage: collections meanwhile are wasted time on the way to
-    # the first answered request (10-15% of the imports). Only for these imports: the
-    # app's code (the import check, --preload) runs with the collector on.
-    gc.disable()
-    try:
+    # Click, the command and the settings' half of the server: paused and then frozen
+    # (collector.py says why). The app's code (the import check, --preload) runs with
+    # the collector on.
+    with collector.paused(freeze=True):
         from .cli import main as command
-    finally:
-        gc.enable()
     command()
 
 

@@ -22,7 +22,6 @@ import contextlib
 import gc
 import logging
 import os
-import random
 import selectors
 import signal
 import time
@@ -119,7 +118,7 @@ class Arbiter:
         )
         self.master_pipe = (-1, -1)  # the pipe only the master writes to (never does)
         # prefork status: this master's facts; workers' pages are their heartbeats
-        self.board = handover.board if handover and handover.board else random.getrandbits(31)
+        self.board = handover.board if handover and handover.board else _new_board_id()
         self._spawner = Spawner(
             self.slots,
             name,
@@ -564,3 +563,9 @@ class Arbiter:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.slots.close_all()
+
+
+def _new_board_id() -> int:
+    """31 random bits that tell this master's status pages from another's (os.urandom:
+    the random module is 1 ms of every start, for one number)."""
+    return int.from_bytes(os.urandom(4), "big") >> 1

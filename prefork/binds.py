@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ConfigError
 from .listeners import BindSpec, parse_bind
 
 
-@dataclass(frozen=True)
-class Inherited:
+class Inherited(NamedTuple):
     """A socket passed to the master: its descriptor, kind, address and systemd name."""
 
     fd: int

@@ -17,14 +17,12 @@ import sys
 import typing
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 from click.core import ParameterSource
 
-from . import listeners, log, paths
-from .access import prepare_access_log
-from .arbiter import Arbiter
+from . import collector, listeners, log, paths
 from .binds import Inherited, binds_to_open
 from .config import LIBRARY_SETTINGS, Config, env_var, flag_name
 from .config_file import find_config_file, read_config_file, to_toml, toml_module
@@ -32,7 +30,6 @@ from .errors import ConfigError, PreforkError
 from .escape import printable
 from .handover import Handover, take_handover
 from .identity import Identity, file_owner, parse_mode
-from .mixin import PreForkMixIn
 from .paths import changeable_by_others
 from .process import Pidfile, reaps_orphans
 from .signals import MASTER_SIGNALS, SignalRoute, Wakeup, unblock_all
@@ -40,7 +37,10 @@ from .systemd import Notifier, take_listen_fds
 from .target import CHECK_TIMEOUT, Target, add_cwd_to_path, import_stdlib, module_source
 from .upgrade import CHECK_LISTENERS_ENV, CHECK_REPORT_ENV, Upgrader
 from .version import __version__
-from .workers import SERVER_MIXINS
+
+if TYPE_CHECKING:
+    from .arbiter import Arbiter
+    from .mixin import PreForkMixIn
 
 logger = logging.getLogger("prefork.cli")
 
@@ -198,7 +198,8 @@ def prepare(
     app_dir = os.getcwd()
     handler = None
     if config.preload or config.server_class:  # code the master imports itself
-        _import_what_is_imported_later()  # before the app's directory is on the path
+        _import_the_server()  # before the app's directory is on the path
+        _import_what_is_imported_later()
         add_cwd_to_path(app_dir)
         _refuse_code_others_can_change(config, app, identity)
         if os.geteuid() == 0 and identity is not None and identity.uid != 0:
@@ -222,7 +223,13 @@ def prepare(
         if checked_stdlib is None:
             timeout = config.boot_timeout or CHECK_TIMEOUT
             # A start imports each module meanwhile; --check-config only reports them.
-            stdlib = app.check(identity, app_dir, timeout, None if checking else import_stdlib)
+            stdlib = app.check(
+                identity,
+                app_dir,
+                timeout,
+                on_stdlib=None if checking else import_stdlib,
+                meanwhile=None if checking else _import_the_server,
+            )
         else:
             stdlib = checked_stdlib
         import_stdlib(stdlib)
@@ -236,14 +243,22 @@ def prepare(
     return Start(app, config, specs, identity, app_dir, handler, stdlib)
 
 
+def _import_the_server() -> None:
+    """The modules that bind, supervise and serve: not needed to read and check the
+    settings, so a start imports them while the check child imports the app (one core
+    each), and --check-config (a USR2's check) not at all."""
+    with collector.paused(freeze=True):
+        from . import access, arbiter, mixin, workers  # noqa: F401
+
+
 # What the master imports only where it is needed, so that a start that never needs it
 # does not pay for it: an upgrade's check (subprocess, tempfile), --max-rss and the pid
-# file (psutil), the JSON log (datetime), the import guard (importlib.abc). A master
-# that puts the app's directory first on its path (--preload, --server-class) imports
-# them before it does: a file there named like one of them would otherwise stand in
-# for it, in a master that may be root.
+# file (psutil), the JSON log (datetime), --max-requests-jitter (random), the import
+# guard (importlib.abc). A master that puts the app's directory first on its path
+# (--preload, --server-class) imports them before it does: a file there named like one
+# of them would otherwise stand in for it, in a master that may be root.
 _IMPORTED_LATER = ("importlib.abc", "importlib.machinery", "subprocess", "tempfile",
-                   "datetime", "psutil", "prefork.trusted_import")  # fmt: skip
+                   "datetime", "psutil", "random", "prefork.trusted_import")  # fmt: skip
 
 
 def _import_what_is_imported_later() -> None:
@@ -306,6 +321,8 @@ def serve(
 ) -> None:
     """Bind (or adopt), write the pid file, and run the master until it stops.
     ``upgrade_problem``: why this upgraded image runs the old settings (as_before)."""
+    from .arbiter import Arbiter
+
     config = start.config
     # Handlers go in before any socket is bound: a signal sent the moment the port
     # accepts must be honoured, not kill a master that is still starting. An upgraded
@@ -473,6 +490,8 @@ def _open_logs(config: Config, identity: Identity | None, upgraded: bool = False
         except OSError as exc:
             raise ConfigError(f"cannot open log file {config.log_file}: {exc.strerror}") from None
         if config.access_log:
+            from .access import prepare_access_log
+
             prepare_access_log(config.access_log, owner)
     except PreforkError as exc:
         if not upgraded:
@@ -550,6 +569,9 @@ def _library_settings(config: Config) -> dict[str, Any]:
 
 def server_class(base: type, config: Config, family: int) -> type[PreForkMixIn]:
     """[--server-class] + PreForkMixIn + (ThreadingMixIn | ForkingMixIn) + the stdlib server."""
+    from .mixin import PreForkMixIn
+    from .workers import SERVER_MIXINS
+
     bases: tuple[type, ...] = (PreForkMixIn, base)
     mixin = SERVER_MIXINS[config.worker_class]
     if mixin:

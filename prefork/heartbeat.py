@@ -27,7 +27,7 @@ import os
 import struct
 import sys
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .escape import printable
 
@@ -170,8 +170,7 @@ class Heartbeat:
         self.release_fd()
 
 
-@dataclass(frozen=True)
-class WorkerPage:
+class WorkerPage(NamedTuple):
     """A copy of one page as ``prefork status`` reads it (times already turned into ages)."""
 
     pid: int

@@ -13,7 +13,7 @@ import functools
 import grp
 import os
 import pwd
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import ConfigError, PreforkError
 from .paths import Owner
@@ -23,8 +23,7 @@ class IdentityError(PreforkError):
     """A worker could not become the configured user or group."""
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(NamedTuple):
     user: str
     uid: int
     gid: int

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 QUICK_STOP_GRACE = 1.0  # seconds a quick-stopped worker gets before SIGKILL
 STACK_DUMP_GRACE = 0.5  # seconds between asking a stuck worker for its stack and SIGKILL
@@ -40,8 +40,7 @@ class State(enum.Enum):
     KILLED = "killed"
 
 
-@dataclass(frozen=True)
-class Timeouts:
+class Timeouts(NamedTuple):
     """The timeouts of a worker's generation (0: off)."""
 
     boot: float
@@ -49,8 +48,7 @@ class Timeouts:
     graceful: float
 
 
-@dataclass(frozen=True)
-class Reading:
+class Reading(NamedTuple):
     """What the worker's page says, as far as it can be believed (heartbeat.py checks)."""
 
     beat: float | None  # the loop's last turn; None: an impossible value

@@ -18,8 +18,7 @@ import socket
 import socketserver
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from .errors import BindError
 
@@ -38,8 +37,7 @@ _IPV4_LOOKALIKE = re.compile(r"[0-9.]+")
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9-]+)*\.?")
 
 
-@dataclass(frozen=True)
-class BindSpec:
+class BindSpec(NamedTuple):
     """One parsed ``--bind`` value. ``address`` is what socketserver takes, or an fd number."""
 
     kind: Kind

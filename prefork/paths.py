@@ -27,7 +27,7 @@ import os
 import socket
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import ConfigError
 from .libc import libc
@@ -46,8 +46,7 @@ class PathError(ConfigError):
         self.errno = errno
 
 
-@dataclass(frozen=True)
-class Owner:
+class Owner(NamedTuple):
     """Who files handed to the workers should belong to (the workers' user and group)."""
 
     uid: int

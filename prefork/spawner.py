@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import random
 from collections.abc import Callable, Iterable
 
 from . import signals
@@ -68,8 +67,8 @@ class Spawner:
             log.error("cannot make worker %d's status pipe: %s", nr, exc.strerror)
             return None
         config = generation.config
-        max_requests = config.max_requests and config.max_requests + random.randint(
-            0, config.max_requests_jitter
+        max_requests = config.max_requests and config.max_requests + _jitter(
+            config.max_requests_jitter
         )
         spec = WorkerSpec(
             nr=nr,
@@ -143,3 +142,12 @@ def _fork(spec: WorkerSpec) -> int:
             finally:
                 os._exit(EXIT_BOOT_ERROR)  # never unwind into the master's loop
     return pid
+
+
+def _jitter(most: int) -> int:
+    """0..most, drawn for each worker, so that a pool does not recycle all at once."""
+    if not most:
+        return 0
+    import random  # only with --max-requests-jitter: 1 ms of a start otherwise
+
+    return random.randint(0, most)

@@ -25,7 +25,7 @@ import stat
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from .heartbeat import MEMFD_NAME as WORKER_MEMFD_NAME
@@ -178,7 +178,7 @@ def read_boards(pid: int) -> list[Board]:
                 page = _read_worker_page(fd_dir, str(fd), pid, now)
                 if page is not None:
                     board.workers.append(
-                        replace(page, pid=worker_pid, slot=slot, generation=generation)
+                        page._replace(pid=worker_pid, slot=slot, generation=generation)
                     )
         board.workers.sort(key=lambda p: (p.slot, p.generation, p.pid))
     return boards

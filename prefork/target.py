@@ -28,9 +28,9 @@ import socketserver
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+from . import collector
 from .errors import AppImportError
 from .identity import Identity, IdentityError
 from .process import die_with_parent, set_title
@@ -42,8 +42,7 @@ CHECK_SAYS_AT_MOST = 1 << 20  # bytes the check child may write: it runs the app
 _END_OF_NAMES = b"\0"  # the child's names as they come, then this, then its answer
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     module: str
     object: str
 
@@ -101,6 +100,7 @@ class Target:
         app_dir: str | None = None,
         timeout: float = CHECK_TIMEOUT,
         on_stdlib: Callable[[list[str]], int] | None = None,
+        meanwhile: Callable[[], None] | None = None,
     ) -> list[str]:
         """Import the target in a throwaway child; raise AppImportError if that fails.
 
@@ -111,7 +111,8 @@ class Target:
         the standard modules whose import the child has begun, as they come: untrusted
         names (the app's code may write anything), for ``import_stdlib`` to filter. An
         import still running after ``timeout`` seconds (stuck, or stopped by the workers'
-        user, whose process it is) is killed and fails the check.
+        user, whose process it is) is killed and fails the check. ``meanwhile`` runs in
+        the master once the child is on its way (its names wait in the pipe).
         """
         read_fd, write_fd = os.pipe()
         parent = os.getpid()
@@ -141,8 +142,11 @@ class Target:
             finally:
                 os._exit(code)
         os.close(write_fd)
+        deadline = time.monotonic() + timeout
         try:
-            data = _read_until_closed(read_fd, time.monotonic() + timeout, on_stdlib)
+            if meanwhile is not None:
+                meanwhile()
+            data = _read_until_closed(read_fd, deadline, on_stdlib)
         except BaseException as exc:  # no child left behind, whatever the cause
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -253,9 +257,11 @@ def import_stdlib(names: list[str]) -> int:
     master may be root: they are imported from the standard library's own directories
     only (``sys.path`` narrowed while they are), never from the app's directory or
     ``PYTHONPATH``, where a file named like a standard module could have been planted.
+    Collection paused and the modules frozen, as for prefork's own (collector.py): they
+    stay for the master's life, and the workers inherit them.
     """
     imported = 0
-    with _stdlib_path_only():
+    with collector.paused(freeze=True), _stdlib_path_only():
         for name in stdlib_modules(set(names)):
             if name in sys.modules:
                 imported += 1

@@ -26,8 +26,8 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import IO, TYPE_CHECKING, Any
+from dataclasses import asdict
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from . import signals
 from .handover import HANDOVER_FD_ENV, AdoptedWorker, Handover, checked, write_handover
@@ -52,8 +52,7 @@ CHECK_TIMEOUT_MAX = 86400.0  # seconds the check may take at most, whatever the 
 _REEXEC = "import sys; del sys.path[0]; from prefork.__main__ import main; main()"
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     problem: str | None  # None: the new start would work
     stdlib: list[str]
 

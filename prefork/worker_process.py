@@ -5,11 +5,10 @@ The master's own record of a worker is ``lifecycle.WorkerProcess``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class WorkerInfo:
+class WorkerInfo(NamedTuple):
     nr: int  # its slot, 1..N
     generation: int  # bumped by each reload
     pid: int | None = None  # None in pre_fork: not forked yet

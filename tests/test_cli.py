@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import SERVER_FIRST, run_cli
+from conftest import SERVER_FIRST, CliServer, run_cli
 
 import prefork
 
@@ -353,6 +355,17 @@ def test_importing_prefork_leaves_the_garbage_collector_as_it_was() -> None:
         subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+def test_the_library_imports_its_server_classes_when_first_used() -> None:
+    # `prefork run` imports the package before its command: the server classes wait.
+    code = (
+        "import sys, prefork; assert 'prefork.arbiter' not in sys.modules; "
+        "from prefork import PreForkThreadingUDPServer, WorkerInfo; "
+        "assert 'prefork.arbiter' in sys.modules and prefork.PreForkMixIn; "
+        "assert set(prefork.__all__) <= set(dir(prefork))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
 def _reporting_app(path: Path, expression: str, per_process: bool = False) -> None:
     """An app that writes repr(expression), as its import saw it, to $REPORT (+ its pid)."""
     where = "os.environ['REPORT'] + str(os.getpid())" if per_process else "os.environ['REPORT']"
@@ -376,6 +389,26 @@ def test_the_apps_code_runs_with_the_garbage_collector_on(app_dir: Path, tmp_pat
         assert result.returncode == 0, result.stderr
     seen = [path.read_text() for path in tmp_path.glob("gc-*")]
     assert len(seen) == 2 and set(seen) == {"True"}, seen
+
+
+def test_the_master_imports_its_server_while_the_check_imports_the_app(
+    serve: Callable[..., CliServer], app_dir: Path, tmp_path: Path
+) -> None:
+    # A start forks the check as soon as the settings are read, and imports the modules
+    # that bind and supervise meanwhile (one core each), not before it (on the way to
+    # the first answer). The master's imports are frozen first, so that no collection,
+    # the master's or a worker's, traverses them.
+    seen = (
+        "('import check' in open('/proc/self/cmdline').read(), "
+        "'prefork.arbiter' in __import__('sys').modules, gc.get_freeze_count() > 5000)"
+    )
+    _reporting_app(app_dir / "overlapapp.py", seen, per_process=True)
+    server = serve(
+        "overlapapp:H", "-w", "1", "-b", "127.0.0.1:0", env={"REPORT": str(tmp_path / "r-")}
+    )
+    server.wait_ready(1)
+    reports = [ast.literal_eval(path.read_text()) for path in tmp_path.glob("r-*")]
+    assert sorted(reports) == [(False, True, True), (True, False, True)], reports
 
 
 def test_the_import_check_does_not_see_systemds_variables(app_dir: Path, tmp_path: Path) -> None:

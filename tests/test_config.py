@@ -136,6 +136,37 @@ def test_pyproject_table_is_found_only_when_present(tmp_path: Path) -> None:
     assert find_config_file("given.toml", str(tmp_path)) == ("given.toml", ())
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[tool.prefork]\nworkers = 5\n",
+        '[ tool . "prefork" ]\nworkers = 5\n',
+        "[tool]\nprefork = { workers = 5 }\n",
+        "tool.prefork.workers = 5\n",
+        '"tool".prefork.workers = 5\n',
+        "tool = { prefork = { workers = 5 } }\n",
+        "[tool.other]\n[tool.'prefork']\nworkers = 5\n",
+    ],
+)
+def test_every_spelling_of_the_pyproject_table_is_read(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text + "\n[project]\nname = 'x'\n", "pyproject.toml")
+    assert find_config_file(None, str(tmp_path)) == (path, ("tool", "prefork"))
+    assert read_config_file(path, ("tool", "prefork"))["workers"] == 5
+
+
+def test_a_pyproject_that_names_prefork_only_as_a_dependency_is_not_parsed(
+    tmp_path: Path,
+) -> None:
+    # Not valid TOML (the last line): were it parsed, this would raise.
+    write(
+        tmp_path,
+        '[project]\nname = "prefork-app"\ndependencies = ["prefork>=0.1"]\n'
+        '[project.scripts]\nprefork = "prefork.__main__:main"\n[tool.ruff]\nline =',
+        "pyproject.toml",
+    )
+    assert find_config_file(None, str(tmp_path)) is None
+
+
 def test_print_config_output_reads_back_as_the_same_settings(tmp_path: Path) -> None:
     config = Config(
         binds=("127.0.0.1:1", 'unix:/tmp/"q".sock'),

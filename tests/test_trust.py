@@ -656,7 +656,8 @@ def test_modules_the_master_imports_later_never_come_from_the_start_directory(
     marker = open_dir / "pwned"
     evil = f"open({str(marker)!r}, 'w').write(str(__import__('os').getuid()))\n"
     start_dir = open_dir / "theirs"
-    for name in ("shutil", "subprocess", "tempfile", "datetime", "psutil", "tomllib"):
+    later = ("shutil", "subprocess", "tempfile", "datetime", "psutil", "tomllib", "random")
+    for name in (*later, "resource", "faulthandler", "selectors", "json"):
         (start_dir / f"{name}.py").write_text(evil)
         _owned_by_nobody(start_dir / f"{name}.py")
     root_lib = open_dir / "rootlib"
@@ -677,11 +678,13 @@ def test_modules_the_master_imports_later_never_come_from_the_start_directory(
     assert not marker.exists(), f"nobody's code ran as uid {marker.read_text()}"
     assert result.returncode == 0, result.stderr
     # And a running master, through what makes it import more: USR2 (subprocess,
-    # tempfile), HUP, --max-rss (psutil). `python -m` puts the start directory (root's here) first;
-    # --chdir makes the workers' user's directory the app's.
+    # tempfile), HUP, --max-rss (psutil), --max-requests-jitter (random). `python -m` puts
+    # the start directory (root's here) first; --chdir makes the workers' user's directory
+    # the app's.
     server = serve(
         "hostile:Echo", "-w", "1", "-b", "127.0.0.1:0", "--user", "nobody",
         "--server-class", "rootserver:S", "--chdir", str(start_dir), "--max-rss", "500",
+        "--max-requests", "1000", "--max-requests-jitter", "10",
         cwd=open_dir, interpreter=as_nobody, env={"PYTHONPATH": path},
     )  # fmt: skip
     server.wait_ready(1)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from .. import log as prefork_log
 from .. import signals
@@ -62,8 +62,7 @@ RETIRE = b"M"  # status pipe: served --max-requests, please start my successor
 BOOT_ERROR = b"E"  # status pipe: followed by a one-line cause, then the worker exits
 
 
-@dataclass(frozen=True)
-class WorkerPlan:
+class WorkerPlan(NamedTuple):
     """What every worker of a generation is handed alike."""
 
     servers: list[Any]  # PreForkMixIn instances

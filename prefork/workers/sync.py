@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import _thread
 import os
-import threading
 
 from ..errors import EXIT_OK
 from .base import Worker
@@ -16,9 +16,10 @@ class SyncWorker(Worker):
 
     def boot(self) -> None:
         super().boot()
-        threading.Thread(
-            target=self._exit_when_master_dies, name="prefork-master-watch", daemon=True
-        ).start()
+        # Not threading.Thread: its start() waits until the new thread has run, a
+        # millisecond or more of every boot on a busy machine, and nothing here needs
+        # to know that it has (nor to join it: the worker leaves by os._exit).
+        _thread.start_new_thread(self._exit_when_master_dies, ())
 
     def _exit_when_master_dies(self) -> None:
         try:
