@@ -2,7 +2,8 @@
 
 The server classes are imported on first use (PEP 562): ``prefork run`` imports this
 package before its command, and reads and checks its settings before it needs them
-(cli.py imports them while the import check runs).
+(cli.py imports them while the import check runs, or first with --preload and
+--server-class).
 """
 
 from __future__ import annotations

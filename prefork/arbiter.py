@@ -566,6 +566,11 @@ class Arbiter:
 
 
 def _new_board_id() -> int:
-    """31 random bits that tell this master's status pages from another's (os.urandom:
-    the random module is 1 ms of every start, for one number)."""
-    return int.from_bytes(os.urandom(4), "big") >> 1
+    """31 bits that tell this master's status pages from another's: from the kernel
+    without waiting (a master started early at boot must not block on the entropy
+    pool; the clock and PID do there), not the random module (1 ms of every start)."""
+    try:
+        data = os.getrandom(4, os.GRND_NONBLOCK)
+    except (OSError, AttributeError):
+        data = (time.time_ns() ^ os.getpid() << 16).to_bytes(16, "big")[-4:]
+    return int.from_bytes(data, "big") >> 1

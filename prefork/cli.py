@@ -197,15 +197,8 @@ def prepare(
         _chdir(config.chdir)
     app_dir = os.getcwd()
     handler = None
-    if config.preload or config.server_class:  # code the master imports itself
-        _import_the_server()  # before the app's directory is on the path
-        _import_what_is_imported_later()
-        add_cwd_to_path(app_dir)
-        _refuse_code_others_can_change(config, app, identity)
-        if os.geteuid() == 0 and identity is not None and identity.uid != 0:
-            from . import trusted_import  # imported above, with importlib.abc
-
-            trusted_import.install()  # and every module that code imports in turn
+    if config.preload or config.server_class:
+        _ready_to_import_code(config, app, identity, app_dir)
         # --server-class imports, is a class, and fits each bind whose kind is known
         # (an fd:// bind's kind is its socket's, seen when it is adopted).
         base: type[socketserver.BaseServer] = socketserver.TCPServer
@@ -246,7 +239,8 @@ def prepare(
 def _import_the_server() -> None:
     """The modules that bind, supervise and serve: not needed to read and check the
     settings, so a start imports them while the check child imports the app (one core
-    each), and --check-config (a USR2's check) not at all."""
+    each), and --check-config (a USR2's check) only for --preload or --server-class,
+    which build the server class."""
     with collector.paused(freeze=True):
         from . import access, arbiter, mixin, workers  # noqa: F401
 
@@ -259,6 +253,32 @@ def _import_the_server() -> None:
 # of them would otherwise stand in for it, in a master that may be root.
 _IMPORTED_LATER = ("importlib.abc", "importlib.machinery", "subprocess", "tempfile",
                    "datetime", "psutil", "random", "prefork.trusted_import")  # fmt: skip
+
+
+def _ready_to_import_code(
+    config: Config, app: Target, identity: Identity | None, app_dir: str
+) -> None:
+    """Before the master imports code itself (--preload, --server-class): what it
+    imports later is imported now, as root never imports from the app's directory, which
+    then goes first on its path; code that others could change is refused, and the
+    directory taken off the path again, so that no way out of here leaves it there (an
+    upgrade's ``as_before`` comes here again); and with a root master and workers of
+    another user, every module imported from then on is checked where it is found
+    (trusted_import.py)."""
+    _import_the_server()
+    _import_what_is_imported_later()
+    added = app_dir not in sys.path
+    add_cwd_to_path(app_dir)
+    try:
+        _refuse_code_others_can_change(config, app, identity)
+    except ConfigError:
+        if added:
+            sys.path.remove(app_dir)
+        raise
+    if os.geteuid() == 0 and identity is not None and identity.uid != 0:
+        from . import trusted_import  # imported above, with importlib.abc
+
+        trusted_import.install()
 
 
 def _import_what_is_imported_later() -> None:
@@ -275,7 +295,8 @@ def as_before(target: str, handover: Handover) -> Start:
     with the settings the old image had, which it hands over; its workers import the
     app themselves (no --preload), so that a broken import fails only their boot and the
     adopted workers keep serving. Still fatal: the server class, imported again by the
-    sockets' adoption, if that is what broke.
+    sockets' adoption, if that is what broke, or if it is now code others could change
+    (refused as the start refuses it: a file planted after the check must not run).
     """
     assert handover.settings is not None
     known = {f.name for f in fields(Config)}  # the old image may be another version
@@ -287,9 +308,12 @@ def as_before(target: str, handover: Handover) -> Start:
         identity = Identity.resolve(config.user, config.group)
     except PreforkError:
         identity = None  # the log files are then root's; each worker's fork says why
+    app = Target.parse(target)
+    if config.server_class:  # imported again when the sockets are adopted: as prepare does
+        _ready_to_import_code(config, app, identity, os.getcwd())
     stdlib = handover.stdlib or []
     import_stdlib(stdlib)
-    return Start(Target.parse(target), config, [], identity, os.getcwd(), None, stdlib)
+    return Start(app, config, [], identity, os.getcwd(), None, stdlib)
 
 
 def _inherited(passed: list[tuple[int, str]], handover: Handover | None) -> list[Inherited]:

@@ -589,6 +589,58 @@ def test_code_the_master_imports_is_checked_module_by_module(
         assert not marker.exists(), f"{module}: nobody's code ran as uid {marker.read_text()}"
 
 
+def test_an_upgrade_serving_on_as_before_refuses_a_server_class_planted_meanwhile(
+    open_dir: Path, as_nobody: Interpreter
+):
+    """After USR2's check passed, a --server-class module planted in the app's directory
+    makes the new image's own start refuse it; the image then serves on with the old
+    settings (cli.as_before), which import the server class again when the sockets are
+    adopted: the refused start had left the directory first on the path, with no import
+    guard, and the planted module ran as root. (Here as the new image does it, in one
+    process, with the planted file in place from the start.)"""
+    marker = open_dir / "pwned"
+    start_dir = open_dir / "theirs"
+    planted = start_dir / "rootserver.py"
+    planted.write_text(
+        f"open({str(marker)!r}, 'w').write(str(__import__('os').getuid()))\n"
+        "import socketserver\nclass S(socketserver.TCPServer): pass\n"
+    )
+    _owned_by_nobody(planted)
+    root_lib = open_dir / "rootlib"
+    root_lib.mkdir()
+    (root_lib / "rootserver.py").write_text(
+        "import socketserver\nclass S(socketserver.TCPServer): pass\n"
+    )
+    code = f"""
+import socket, socketserver
+from prefork import cli
+from prefork.errors import PreforkError
+from prefork.handover import Handover
+given = dict(user="nobody", server_class="rootserver:S", chdir={str(start_dir)!r})
+try:
+    cli.prepare("hostile:Echo", given, {str(open_dir)!r}, False, [], [])
+except PreforkError as exc:
+    print("the new start:", exc)
+settings = dict(user="nobody", server_class="rootserver:S")
+handover = Handover(1, -1, -1, settings=settings, app_dir={str(start_dir)!r})
+try:
+    start = cli.as_before("hostile:Echo", handover)
+    cli.server_class(socketserver.TCPServer, start.config, socket.AF_INET)
+    print("served on")
+except PreforkError as exc:
+    print("as before:", exc)
+"""
+    path = os.pathsep.join([as_nobody.path, str(root_lib), str(open_dir)])
+    result = subprocess.run(
+        [as_nobody.python, "-c", code], cwd=open_dir, capture_output=True, text=True,
+        timeout=60, env={**os.environ, "PYTHONPATH": path},
+    )  # fmt: skip
+    assert not marker.exists(), f"nobody's code ran as uid {marker.read_text()}"
+    lines = result.stdout.splitlines()
+    refused = [line for line in lines if "rootserver" in line and "runs as root" in line]
+    assert len(lines) == len(refused) == 2, result.stdout + result.stderr
+
+
 def test_a_fifo_planted_as_the_log_is_refused_even_with_a_reader(
     open_dir: Path, as_nobody: Interpreter
 ):
