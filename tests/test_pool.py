@@ -155,6 +155,8 @@ class PoolMachine(RuleBasedStateMachine):
         if self.pool.starting is not None:
             self.pool.generations.pending = True
         else:
+            if self.b in self.effects.closed:  # as reconfigure.next_settings: a bind added
+                self.b = FakeServer("b")  # back is bound anew, never the closed server
             servers = [self.a] if drop_b else [self.a, self.b]
             started = self.pool.begin_reload(replace(CONFIG, workers=workers), servers, self.now)
             self.numbers.append(started.number)
