@@ -174,9 +174,16 @@ def descriptors() -> set[int]:
     return fds
 
 
-def stack_stream() -> IO[str]:
-    """Where a worker's stack dump goes: the log file if there is one, else stderr."""
+def stack_stream() -> IO[str] | int:
+    """Where a worker's stack dump goes: the log file if there is one, else stderr; its
+    descriptor 2 when ``sys.stderr`` is not a file (Jupyter, IDLE, pytest's capture,
+    ``contextlib.redirect_stderr``): faulthandler writes to a descriptor, and asking such
+    a stream for one failed every worker's boot."""
     for handler in logging.getLogger(_LOGGER).handlers:
         if isinstance(handler, LogFile):
             return handler.ensure_open()
+    try:
+        sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return 2
     return sys.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ import pytest
 from conftest import echo_line, is_running, living_descendants, wait_until
 
 import prefork
+from prefork.workers.base import STACK_DUMP_SIGNAL
 
 # serve_forever runs in a thread here; on Python 3.12+ fork() then warns about threads.
 pytestmark = pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork:DeprecationWarning")
@@ -111,6 +113,22 @@ def test_ready_class_round_trip_and_shutdown_leaves_no_child(
     assert living_descendants() == []  # shutdown() returned only after every worker exited
     if kind.startswith("Unix"):
         assert not os.path.exists(address)  # server_close removed the socket file
+
+
+@pytest.mark.parametrize("cls", [prefork.PreForkTCPServer, prefork.PreForkThreadingTCPServer])
+def test_workers_boot_when_the_hosts_stderr_is_not_a_file(cls: Any) -> None:
+    # Jupyter, IDLE and contextlib.redirect_stderr give streams without a descriptor:
+    # every worker failed to boot registering its stack dump (faulthandler).
+    with (
+        contextlib.redirect_stderr(io.StringIO()),
+        contextlib.redirect_stdout(io.StringIO()),
+        serving(cls(("127.0.0.1", 0), Echo, workers=1)) as server,
+    ):
+        assert echo_line(server.server_address, b"embedded") == b"embedded"
+        worker = workers_of()[0]
+        os.kill(worker, STACK_DUMP_SIGNAL)  # goes to descriptor 2; the worker lives on
+        assert echo_line(server.server_address, b"again") == b"again"
+        assert workers_of() == [worker]
 
 
 def test_mixin_composes_with_threading_mixin() -> None:
