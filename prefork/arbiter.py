@@ -570,7 +570,6 @@ def _new_board_id() -> int:
     without waiting (a master started early at boot must not block on the entropy
     pool; the clock and PID do there), not the random module (1 ms of every start)."""
     try:
-        data = os.getrandom(4, os.GRND_NONBLOCK)
-    except (OSError, AttributeError):
-        data = (time.time_ns() ^ os.getpid() << 16).to_bytes(16, "big")[-4:]
-    return int.from_bytes(data, "big") >> 1
+        return int.from_bytes(os.getrandom(4, os.GRND_NONBLOCK), "big") >> 1
+    except OSError:  # BlockingIOError: the pool is not ready yet
+        return (time.time_ns() ^ os.getpid() << 16) & 0x7FFF_FFFF

@@ -267,8 +267,7 @@ def _ready_to_import_code(
     (trusted_import.py)."""
     _import_the_server()
     _import_what_is_imported_later()
-    added = app_dir not in sys.path
-    add_cwd_to_path(app_dir)
+    added = add_cwd_to_path(app_dir)
     try:
         _refuse_code_others_can_change(config, app, identity)
     except ConfigError:

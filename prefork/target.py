@@ -299,16 +299,19 @@ def _last_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def add_cwd_to_path(directory: str | None = None) -> None:
-    """Make MODULE importable from ``directory`` (the current one), as ``python -m`` does.
+def add_cwd_to_path(directory: str | None = None) -> bool:
+    """Make MODULE importable from ``directory`` (the current one), as ``python -m`` does;
+    whether it was added (False: on the path already).
 
     ``prefork run`` does this in the workers and the import check, after the fork, and in
     the master only with --preload or --server-class, which import code there: the
     master, perhaps root, otherwise keeps the app's directory off its own path.
     """
     directory = directory or os.getcwd()
-    if directory not in sys.path:
-        sys.path.insert(0, directory)
+    if directory in sys.path:
+        return False
+    sys.path.insert(0, directory)
+    return True
 
 
 def module_source(name: str) -> str | None:
