@@ -75,6 +75,8 @@ class Arbiter:
     library host keeps its other children). ``close_listeners_on_stop``: the sockets are
     the master's alone (``prefork run``), closed as a stop begins so that, once the
     workers have served what was queued, new connections are refused, not reset.
+    ``reload_by_reexec``: the app's code is in this process (--preload, a server class
+    as the app), so a HUP reloads it as USR2 does, by re-executing (with an upgrader).
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class Arbiter:
         *,
         name: str,
         loader: Loader | None = None,
+        reload_by_reexec: bool = False,
         route: signals.SignalRoute | None = None,
         upgrader: Upgrader | None = None,
         handover: Handover | None = None,
@@ -103,6 +106,7 @@ class Arbiter:
         self._wakeup = self._route.wakeup
         self._selector = selectors.DefaultSelector()
         self._settings, self._handover = settings, handover
+        self._reload_by_reexec = reload_by_reexec
         self.upgrade_problem: str | None = None  # why this image runs the old settings
         self._upgrade = Upgrade(upgrader) if upgrader else None
         self._reap_orphans, self._close_on_stop = reap_orphans, close_listeners_on_stop
@@ -402,8 +406,8 @@ class Arbiter:
         elif self._upgrade is not None and self._upgrade.checking:
             self.generations.pending = True
             log.info("an upgrade is being checked; reloading once it is decided")
-        elif self.config.preload and self._upgrade is not None:
-            log.info("the app is preloaded in the master: reloading by re-executing it")
+        elif self._reload_by_reexec and self._upgrade is not None:
+            log.info("the app's code is in the master: reloading by re-executing it")
             self.reexec()
         else:
             self.start_reload()

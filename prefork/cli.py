@@ -15,7 +15,7 @@ import socket
 import socketserver
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,7 +34,17 @@ from .paths import changeable_by_others
 from .process import Pidfile, reaps_orphans
 from .signals import MASTER_SIGNALS, SignalRoute, Wakeup, unblock_all
 from .systemd import Notifier, take_listen_fds
-from .target import CHECK_TIMEOUT, Target, add_cwd_to_path, import_stdlib, module_source
+from .target import (
+    CHECK_TIMEOUT,
+    SERVER_CLASS_MARK,
+    Target,
+    absolute_path_entries,
+    add_to_path,
+    app_import_path,
+    import_stdlib,
+    is_server_class,
+    module_source,
+)
 from .upgrade import CHECK_LISTENERS_ENV, CHECK_REPORT_ENV, Upgrader
 from .version import __version__
 
@@ -114,7 +124,7 @@ def cli() -> None:
 def run(
     ctx: click.Context, /, target: str, print_config: bool, check_config: bool, **options: Any
 ) -> None:
-    """Serve MODULE:OBJECT, a socketserver.BaseRequestHandler subclass, until stopped.
+    """Serve MODULE:OBJECT, a request handler class or a server class, until stopped.
 
     Signals to the master: TERM stops gracefully, INT and QUIT stop now, TTIN and TTOU
     add and remove a worker. See docs/signals.md.
@@ -137,10 +147,10 @@ def run(
         except PreforkError as exc:
             if handover is None or handover.settings is None:
                 raise
-            start, problem = as_before(target, handover), str(exc)
+            start, problem = as_before(target, handover, started_in), str(exc)
         if check_config:
             if os.environ.get(CHECK_REPORT_ENV):  # for the USR2 that runs this check
-                click.echo("\n".join(start.stdlib))
+                click.echo("\n".join(start.check_report()))
             return
         _open_logs(start.config, start.identity, upgraded=handover is not None)
         if problem:
@@ -163,9 +173,16 @@ class Start:
     config: Config
     specs: list[listeners.BindSpec]
     identity: Identity | None
-    app_dir: str
+    import_path: list[str]  # where the app is imported from (target.app_import_path)
     handler: Any  # the app's handler class with --preload (imported in the master)
     stdlib: list[str]  # the standard-library modules the app's import pulled in
+    # MODULE:OBJECT is a server class: config.server_class names it, the master builds
+    # it with its own handler, and a HUP reloads it by re-executing (as --preload).
+    server_target: bool = False
+
+    def check_report(self) -> list[str]:
+        """What a USR2's --check-config tells the master it checks for."""
+        return [*self.stdlib, *([SERVER_CLASS_MARK] if self.server_target else [])]
 
 
 def prepare(
@@ -193,39 +210,42 @@ def prepare(
     identity = Identity.resolve(config.user, config.group)
     if config.umask is not None:
         os.umask(parse_mode("umask", config.umask))
+    absolute_path_entries(started_in)  # before --chdir: they mean the start directory
     if config.chdir:
         _chdir(config.chdir)
-    app_dir = os.getcwd()
-    handler = None
+    import_path = app_import_path(config.pythonpath, started_in)
     if config.preload or config.server_class:
-        _ready_to_import_code(config, app, identity, app_dir)
-        # --server-class imports, is a class, and fits each bind whose kind is known
-        # (an fd:// bind's kind is its socket's, seen when it is adopted).
-        base: type[socketserver.BaseServer] = socketserver.TCPServer
-        for spec in specs:
-            if spec.kind != "fd":
-                base = listeners.base_server_class(spec.family, spec.stream)
-                server_class(base, config, spec.family)
-        server_class(base, config, socket.AF_INET)
-    stdlib: list[str] = []
+        _ready_to_import_code(config, app, identity, import_path)
+        _compose_for_each(config, specs)
+    handler, names = None, checked_stdlib
     if config.preload:
-        handler = app.load()  # once, in the master; workers share it copy-on-write
-    else:
+        handler = app.load_any()  # once, in the master; workers share it copy-on-write
+        names = [SERVER_CLASS_MARK] if is_server_class(handler) else []
+    elif names is None:
         # In a throwaway child: the master never imports the app, only the parts of
         # the standard library it uses, which workers then inherit (target.py).
-        if checked_stdlib is None:
-            timeout = config.boot_timeout or CHECK_TIMEOUT
-            # A start imports each module meanwhile; --check-config only reports them.
-            stdlib = app.check(
-                identity,
-                app_dir,
-                timeout,
-                on_stdlib=None if checking else import_stdlib,
-                meanwhile=None if checking else _import_the_server,
-            )
-        else:
-            stdlib = checked_stdlib
+        timeout = config.boot_timeout or CHECK_TIMEOUT
+        # A start imports each module meanwhile; --check-config only reports them.
+        names = app.check(
+            identity,
+            import_path,
+            timeout,
+            on_stdlib=None if checking else import_stdlib,
+            meanwhile=None if checking else _import_the_server,
+        )
+    server_target = SERVER_CLASS_MARK in names
+    stdlib = [name for name in names if name != SERVER_CLASS_MARK]
+    if not config.preload:
         import_stdlib(stdlib)
+    if server_target:
+        if config.server_class:
+            raise ConfigError(
+                f"{app} is a server class, and --server-class names another: give a request "
+                f"handler class with --server-class, or leave --server-class out"
+            )
+        handler, config = None, replace(config, server_class=str(app))
+        _ready_to_import_code(config, app, identity, import_path)
+        _compose_for_each(config, specs, own_handler=True)
     if checking and not os.environ.get(CHECK_REPORT_ENV):
         # Not for a USR2's check: a log path refused after the upgrade costs the log
         # (stderr, one line), and a worker that plants a symlink must not veto upgrades.
@@ -233,7 +253,20 @@ def prepare(
         for path, what in ((config.log_file, "log file"), (config.access_log, "access log")):
             if path and path != "-":
                 paths.check_appendable(path, owner, what)
-    return Start(app, config, specs, identity, app_dir, handler, stdlib)
+    return Start(app, config, specs, identity, import_path, handler, stdlib, server_target)
+
+
+def _compose_for_each(
+    config: Config, specs: list[listeners.BindSpec], own_handler: bool = False
+) -> None:
+    """The server class imports, is a class, and composes for each bind whose kind is
+    known (an fd:// bind's kind is its socket's, seen when it is adopted)."""
+    base: type[socketserver.BaseServer] = socketserver.TCPServer
+    for spec in specs:
+        if spec.kind != "fd":
+            base = listeners.base_server_class(spec.family, spec.stream)
+            server_class(base, config, spec.family, own_handler)
+    server_class(base, config, socket.AF_INET, own_handler)
 
 
 def _import_the_server() -> None:
@@ -256,23 +289,23 @@ _IMPORTED_LATER = ("importlib.abc", "importlib.machinery", "subprocess", "tempfi
 
 
 def _ready_to_import_code(
-    config: Config, app: Target, identity: Identity | None, app_dir: str
+    config: Config, app: Target, identity: Identity | None, import_path: list[str]
 ) -> None:
     """Before the master imports code itself (--preload, --server-class): what it
-    imports later is imported now, as root never imports from the app's directory, which
-    then goes first on its path; code that others could change is refused, and the
-    directory taken off the path again, so that no way out of here leaves it there (an
+    imports later is imported now, as root never imports from the app's directories,
+    which then go first on its path; code that others could change is refused, and the
+    directories taken off the path again, so that no way out of here leaves it there (an
     upgrade's ``as_before`` comes here again); and with a root master and workers of
     another user, every module imported from then on is checked where it is found
     (trusted_import.py)."""
     _import_the_server()
     _import_what_is_imported_later()
-    added = add_cwd_to_path(app_dir)
+    added = add_to_path(import_path)
     try:
         _refuse_code_others_can_change(config, app, identity)
     except ConfigError:
-        if added:
-            sys.path.remove(app_dir)
+        for directory in added:
+            sys.path.remove(directory)
         raise
     if os.geteuid() == 0 and identity is not None and identity.uid != 0:
         from . import trusted_import  # imported above, with importlib.abc
@@ -286,7 +319,7 @@ def _import_what_is_imported_later() -> None:
     toml_module()  # a HUP reads the config file again
 
 
-def as_before(target: str, handover: Handover) -> Start:
+def as_before(target: str, handover: Handover, started_in: str) -> Start:
     """The start of an upgraded image whose own start failed where the check had passed
     a moment before (a file changed in between, an import that fails now and then).
 
@@ -300,19 +333,23 @@ def as_before(target: str, handover: Handover) -> Start:
     assert handover.settings is not None
     known = {f.name for f in fields(Config)}  # the old image may be another version
     settings = {k: v for k, v in handover.settings.items() if k in known}
+    settings["pythonpath"] = tuple(settings.get("pythonpath", ()))  # a list, in JSON
     config = Config(**{**settings, "binds": (), "preload": False})  # all sockets passed
+    absolute_path_entries(started_in)
     with contextlib.suppress(OSError):
-        os.chdir(handover.app_dir or ".")
+        os.chdir(handover.app_dir or ".")  # the old image's working directory
+    import_path = app_import_path(config.pythonpath, started_in)
     try:
         identity = Identity.resolve(config.user, config.group)
     except PreforkError:
         identity = None  # the log files are then root's; each worker's fork says why
     app = Target.parse(target)
     if config.server_class:  # imported again when the sockets are adopted: as prepare does
-        _ready_to_import_code(config, app, identity, os.getcwd())
-    stdlib = handover.stdlib or []
+        _ready_to_import_code(config, app, identity, import_path)
+    stdlib = [name for name in handover.stdlib or [] if name != SERVER_CLASS_MARK]
     import_stdlib(stdlib)
-    return Start(app, config, [], identity, os.getcwd(), None, stdlib)
+    server_target = config.server_class == str(app)  # the old image's start found it one
+    return Start(app, config, [], identity, import_path, None, stdlib, server_target)
 
 
 def _inherited(passed: list[tuple[int, str]], handover: Handover | None) -> list[Inherited]:
@@ -362,14 +399,18 @@ def serve(
         unlink = handover.unlink if handover else [""] * len(passed)
         binds = handover.binds if handover else [""] * len(passed)
         for (fd, name), path, bind in zip(passed, unlink, binds, strict=True):
-            servers.append(adopt_socket(fd, f"fd://{fd}", config, unlink=path, ours=bool(bind)))
+            servers.append(
+                adopt_socket(
+                    fd, f"fd://{fd}", config, path, bool(bind), own_handler=start.server_target
+                )
+            )
             servers[-1].prefork_bind = bind or None  # None: systemd's, never closed by us
             servers[-1].prefork_fdname = name
         # Beside the passed sockets, the binds the settings name (start.specs has only
         # those that are not passed sockets); after an upgrade the passed sockets are
         # those very binds.
         if not handover:
-            servers.extend(open_server(spec, config) for spec in start.specs)
+            servers.extend(open_server(s, config, start.server_target) for s in start.specs)
         if config.preload:
             for server in servers:
                 server.RequestHandlerClass = start.handler
@@ -383,13 +424,17 @@ def serve(
                 logger.error("%s; the pid file stays as it was", exc)
                 pidfile = None
         upgrader = Upgrader(sys.argv[1:], started_in, config.boot_timeout)
+        in_master = config.preload or start.server_target
         arbiter = Arbiter(
             servers,
             config,
             name=config.name or str(start.app),
             route=route,
             upgrader=upgrader,
-            loader=None if config.preload else start.app.loader(start.app_dir),
+            # Code the master imported (--preload, a server class named as the app)
+            # reloads by re-executing it: its workers import nothing.
+            loader=None if in_master else start.app.loader(start.import_path),
+            reload_by_reexec=in_master,
             handover=handover,
             settings=CliSettings(given, started_in, _inherited(passed, handover)),
             reap_orphans=reaps_orphans(),
@@ -541,13 +586,14 @@ def _warn_about_privileges(identity: Identity | None) -> None:
         )
 
 
-def open_server(spec: listeners.BindSpec, config: Config) -> Any:
-    """Bind one address with the server class its kind and the worker class call for."""
+def open_server(spec: listeners.BindSpec, config: Config, own_handler: bool = False) -> Any:
+    """Bind one address with the server class its kind and the worker class call for.
+    ``own_handler``: the app is a server class, constructed without a handler (its own)."""
     if spec.kind == "fd":
-        server = adopt_socket(spec.fd, spec.text, config)
+        server = adopt_socket(spec.fd, spec.text, config, own_handler=own_handler)
     else:
         base = listeners.base_server_class(spec.family, spec.stream)
-        cls = server_class(base, config, spec.family)
+        cls = server_class(base, config, spec.family, own_handler)
         abstract = isinstance(spec.address, str) and spec.address.startswith("\0")
         if abstract and config.socket_mode:
             logger.warning(
@@ -555,27 +601,38 @@ def open_server(spec: listeners.BindSpec, config: Config) -> Any:
                 "a mode (anyone who can reach its name can connect)",
                 spec.text,
             )
-        try:
-            server = cls(spec.address, None, **_library_settings(config))
-        except OSError as exc:
-            raise listeners.bind_error(spec.text, exc) from None
+        with _constructing(cls, config, spec.text):
+            server = cls(spec.address, *_handler_argument(own_handler), **_library_settings(config))
     server.prefork_bind = spec.text  # how HUP tells which configured bind it serves
     return server
 
 
-def adopt_socket(fd: int, text: str, config: Config, unlink: str = "", ours: bool = False) -> Any:
+def adopt_socket(
+    fd: int,
+    text: str,
+    config: Config,
+    unlink: str = "",
+    ours: bool = False,
+    own_handler: bool = False,
+) -> Any:
     """Serve an already-bound descriptor (fd://N, systemd, an upgrade); its family and
     type are read from the socket. ``unlink``: a Unix socket file we own; ``ours``:
     prefork bound it (an upgrade's), so the settings apply over its options."""
     sock = listeners.inherited_socket(fd, text)
     sock.set_inheritable(False)  # systemd's and an upgrade's come inheritable
     base = listeners.base_server_class(sock.family, sock.type == socket.SOCK_STREAM)
-    cls = server_class(base, config, sock.family)
+    cls = server_class(base, config, sock.family, own_handler)
     try:
-        server = cls.from_socket(sock, None, binders_options=not ours, **_library_settings(config))
-    except OSError as exc:
+        with _constructing(cls, config, text):
+            server = cls.from_socket(
+                sock,
+                *_handler_argument(own_handler),
+                binders_options=not ours,
+                **_library_settings(config),
+            )
+    except PreforkError:
         sock.close()
-        raise listeners.bind_error(text, exc) from None
+        raise
     if unlink:  # a socket file we made, bound by the image before a USR2
         try:
             info = os.stat(unlink, follow_symlinks=False)
@@ -586,37 +643,52 @@ def adopt_socket(fd: int, text: str, config: Config, unlink: str = "", ours: boo
     return server
 
 
+def _handler_argument(own_handler: bool) -> tuple[Any, ...]:
+    """None: the workers set the handler class once they have imported it."""
+    return () if own_handler else (None,)
+
+
+@contextlib.contextmanager
+def _constructing(cls: type, config: Config, bind: str) -> Iterator[None]:
+    """A bind that fails says so as bind() does; an app's server class whose own
+    constructor fails, in one line that names it."""
+    try:
+        yield
+    except OSError as exc:
+        raise listeners.bind_error(bind, exc) from None
+    except Exception as exc:
+        if not config.server_class:
+            raise
+        raise ConfigError(
+            f"constructing {config.server_class} for {bind} failed: "
+            f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        ) from None
+
+
 def _library_settings(config: Config) -> dict[str, Any]:
     return {name: getattr(config, name) for name in LIBRARY_SETTINGS}
 
 
-def server_class(base: type, config: Config, family: int) -> type[PreForkMixIn]:
-    """[--server-class] + PreForkMixIn + (ThreadingMixIn | ForkingMixIn) + the stdlib server."""
-    from .mixin import PreForkMixIn
+def server_class(
+    base: type, config: Config, family: int, own_handler: bool = False
+) -> type[PreForkMixIn]:
+    """[--server-class] + PreForkMixIn + (ThreadingMixIn | ForkingMixIn) + the stdlib
+    server (compose.py)."""
+    from .compose import server_class as composed
     from .workers import SERVER_MIXINS
 
-    bases: tuple[type, ...] = (PreForkMixIn, base)
-    mixin = SERVER_MIXINS[config.worker_class]
-    if mixin:
-        bases = (PreForkMixIn, mixin, base)
+    app_class = None
     if config.server_class:
-        user = Target.parse(config.server_class).resolve()
-        if not isinstance(user, type):
-            raise ConfigError(f"--server-class {config.server_class} is not a class")
-        bases = (user, *bases[issubclass(user, PreForkMixIn) :])
-    name = f"PreFork{config.worker_class.title()}{base.__name__}"
+        app_class = Target.parse(config.server_class).resolve()
     namespace: dict[str, Any] = {"address_family": family}
     if family == socket.AF_UNIX:  # how paths.bind_unix makes the socket file
         identity = Identity.resolve(config.user, config.group)
         namespace["_prefork_unix_owner"] = file_owner(identity)
         if config.socket_mode:
             namespace["_prefork_unix_mode"] = parse_mode("socket_mode", config.socket_mode)
-    try:
-        return type(name, bases, namespace)
-    except TypeError as exc:  # e.g. a UDPServer subclass on a TCP bind
-        raise ConfigError(
-            f"--server-class {config.server_class} cannot serve a {base.__name__}: {exc}"
-        ) from None
+    what = str(config.server_class) if own_handler else f"--server-class {config.server_class}"
+    mixin = SERVER_MIXINS[config.worker_class]
+    return composed(base, mixin, app_class, what, namespace, own_handler)
 
 
 def _refuse_code_others_can_change(config: Config, app: Target, identity: Identity | None) -> None:

@@ -194,9 +194,9 @@ class Config:
     server_class: str | None = setting(
         None,
         library=False,
-        help="MODULE:CLASS placed first among the bases of every server prefork builds: "
-        "its hook methods (on_starting, when_ready, pre_fork, post_fork, worker_exit, "
-        "on_reload) and socketserver overrides apply. Imported in the master.",
+        help="MODULE:CLASS to build every server from: a socketserver server class "
+        "(SimpleXMLRPCServer, HTTPServer, WSGIServer...) or a mix-in of hooks and "
+        "overrides; whatever it overrides wins (docs/programs.md). Imported in the master.",
     )
     preload: bool = setting(
         False,
@@ -211,7 +211,18 @@ class Config:
         "modules changes. Uses watchfiles if installed (prefork[reload]), else polls.",
     )
     chdir: str | None = setting(
-        None, library=False, help="Directory to change to before importing the app."
+        None,
+        library=False,
+        help="Working directory of the master and the workers (a served tree, say). "
+        "Only that: unlike gunicorn's, it is not put on the import path.",
+    )
+    pythonpath: tuple[str, ...] = setting(
+        (),
+        library=False,
+        default_text="none",
+        help="Directory to import the app from, besides the one prefork run starts in; "
+        "repeatable, or comma-separated as gunicorn takes it. Relative to the start "
+        "directory; searched first, in the order given.",
     )
     log_level: LogLevel = setting("info", library=False, help="Least severe level logged.")
     log_file: str | None = setting(

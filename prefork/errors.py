@@ -26,7 +26,7 @@ class BindError(PreforkError, OSError):
 
 
 class AppImportError(PreforkError, ImportError):
-    """MODULE:OBJECT could not be imported or is not a request handler class."""
+    """MODULE:OBJECT could not be imported, or is neither a handler class nor a server class."""
 
 
 class BootError(PreforkError):

@@ -68,8 +68,8 @@ class Handover:
     served_by_exited: int = 0  # requests served by workers gone before the upgrade
     newest: int = 0  # the highest generation number given: numbers never repeat
     stdlib: list[str] | None = None  # what the check imported: None, the new image checks
-    # The old image's settings (Config's fields) and app directory: should the new image
-    # fail where the check passed a moment before, it serves on with them.
+    # The old image's settings (Config's fields) and working directory: should the new
+    # image fail where the check passed a moment before, it serves on with them.
     settings: dict[str, Any] | None = None
     app_dir: str = ""
     version: int = HANDOVER_VERSION

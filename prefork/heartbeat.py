@@ -66,9 +66,12 @@ def believable(value: float, earliest: float, now: float) -> bool:
 
 
 def describe_client(client_address: object) -> str:
-    """'127.0.0.1:5555', '[::1]:5555', or what a Unix socket gives (often empty)."""
+    """'127.0.0.1:5555', '[::1]:5555', 'unix:' (a stream Unix peer, see
+    connection.unix_peer), or what a datagram Unix socket gives (often empty)."""
     if isinstance(client_address, tuple) and len(client_address) >= 2:
         host, port = client_address[0], client_address[1]
+        if port == 0 and str(host).startswith("unix:"):
+            return str(host)
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     if isinstance(client_address, bytes):
         client_address = client_address.decode("utf-8", "replace")

@@ -23,6 +23,7 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from . import listeners, paths
@@ -37,6 +38,36 @@ __all__ = ["PreForkMixIn"]
 
 log = logging.getLogger("prefork.worker")
 
+_Socket = socket.socket  # for annotations in the class, where "socket" is its attribute
+_ADOPT = "_prefork_adopt"  # from_socket's keyword to the constructor: (socket, binder's options)
+
+
+# While a server's classes bind its socket: the socket's id -> prefork's rules for it.
+_ARMED: dict[int, Callable[[_Socket, Any], None]] = {}
+
+
+def _armed_class(plain: type[_Socket]) -> type[_Socket]:
+    """``plain`` with a ``bind()`` that goes to prefork's rules while the socket is armed
+    (once: the rules' own bind is the socket's). The same layout (no slot, no dict
+    added), so that a socket's class can be switched to it and back: the socket object
+    stays the one its owner holds (``from_socket``'s caller), and nothing on the
+    request path changes."""
+
+    def bind(self: _Socket, address: Any) -> None:
+        rules = _ARMED.pop(id(self), None)
+        if rules is None:
+            plain.bind(self, address)
+        else:
+            rules(self, address)
+
+    if plain not in _ARMED_CLASSES:
+        namespace = {"__slots__": (), "bind": bind}
+        _ARMED_CLASSES[plain] = type(f"Armed{plain.__name__}", (plain,), namespace)
+    return _ARMED_CLASSES[plain]
+
+
+_ARMED_CLASSES: dict[type[_Socket], type[_Socket]] = {}
+
 
 class PreForkMixIn:
     """Pre-fork a pool of workers that share this server's socket.
@@ -48,7 +79,8 @@ class PreForkMixIn:
     never), ``max_requests_jitter`` (0), ``max_rss`` (MB; 0 = never), ``name`` (None:
     the handler's ``module:qualname``), ``access_log`` (None = off; a path, or "-" for
     stderr), ``client_timeout`` (10 s; 0 = off), ``defer_accept`` (30 s; 0 = off). They
-    are read when the server is constructed.
+    are read when the server is constructed. Every other argument goes to the other
+    bases as given (``bind_and_activate``, SimpleXMLRPCServer's ``allow_none``...).
 
     May be overridden, as in socketserver, and run in each worker: ``verify_request``,
     ``process_request``, ``finish_request``, ``handle_error``, ``shutdown_request``,
@@ -62,24 +94,41 @@ class PreForkMixIn:
     ``on_reload``. A hook that raises in the master is logged and serving goes on.
 
     May be extended; call super(): ``__init__``, ``server_bind``, ``server_activate``,
-    ``serve_forever``, ``shutdown``, ``server_close``, ``process_request_thread``.
+    ``serve_forever``, ``shutdown``, ``server_close``.
+
+    ``prefork run --server-class`` (and a ``MODULE:OBJECT`` that names a server class)
+    composes a class that is not a PreForkMixIn with ``compose.server_class``: the
+    class's own methods win over these defaults, and prefork's construction, binding
+    and closing run in front of it whatever its classes' order.
     """
 
-    def __init__(
-        self,
-        server_address: Any,
-        RequestHandlerClass: Any,  # noqa: N803
-        bind_and_activate: bool = True,
-        **settings: Any,
-    ) -> None:
-        unknown = sorted(settings.keys() - set(LIBRARY_SETTINGS))
-        if unknown:
-            raise TypeError(
-                f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}"
-            )
+    socket: _Socket  # socketserver's, made by TCPServer.__init__
+    _prefork_ready = False  # set once _prefork_setup has run for this server
+    _prefork_adopting: tuple[_Socket, bool] | None = None  # from_socket's, until bound
+    _prefork_in_bind = False
+    _prefork_tuned = False
+
+    def __init__(self, server_address: Any, *args: Any, **kwargs: Any) -> None:
+        """prefork's settings are keywords (see ``prefork.Config``), taken out first; the
+        rest, positional or keyword, go to the other bases as given: a base with its own
+        ``__init__`` (SimpleXMLRPCServer's ``logRequests``, ``allow_none``...) gets its
+        own, and ``bind_and_activate`` is socketserver's, wherever it is passed."""
+        self._prefork_setup(kwargs)
+        super().__init__(server_address, *args, **kwargs)  # type: ignore[call-arg]
+        self._prefork_adopt_if_unbound()
+
+    def _prefork_setup(self, kwargs: dict[str, Any]) -> None:
+        """Take prefork's keywords out of ``kwargs``; set the server up once, however many
+        of its classes' ``__init__`` run (a composed class runs this in front of them)."""
+        settings = {name: kwargs.pop(name) for name in LIBRARY_SETTINGS if name in kwargs}
+        adopting = kwargs.pop(_ADOPT, None)
+        if self._prefork_ready:
+            return
+        self._prefork_ready = True
         vars(self).update(settings)
         self.prefork_config = Config(**{name: getattr(self, name) for name in LIBRARY_SETTINGS})
         self.request_queue_size = listeners.listen_backlog(self.prefork_config.backlog)
+        self._prefork_adopting = adopting
         self._prefork_lock = threading.Lock()
         self._prefork_arbiter: Arbiter | None = None
         self._prefork_shutdown_requested = False
@@ -88,44 +137,37 @@ class PreForkMixIn:
         self._prefork_reuse_port = False
         # A Unix socket file we made: (pid that bound it, path, (st_dev, st_ino)).
         self._prefork_unlink: tuple[int, str, tuple[int, int] | None] | None = None
-        super().__init__(server_address, RequestHandlerClass, bind_and_activate)  # type: ignore[call-arg]
 
     @classmethod
     def from_socket(
-        cls,
-        sock: socket.socket,
-        RequestHandlerClass: Any,  # noqa: N803
-        *,
-        binders_options: bool = True,
-        **settings: Any,
+        cls, sock: _Socket, *args: Any, binders_options: bool = True, **kwargs: Any
     ) -> Any:
-        """A server on an already-bound socket (``fd://N``, systemd, a test's own socket).
+        """A server on an already-bound socket (``fd://N``, systemd, a test's own socket);
+        the other arguments are the constructor's (the handler class, settings...).
 
+        The server is constructed as any other, so that every ``server_bind`` and
+        ``server_activate`` of its classes runs (HTTPServer's sets ``server_name``,
+        WSGIServer's its environment); prefork's bind rules make the bind itself a no-op.
         ``binders_options``: a TCP_DEFER_ACCEPT or client timeout the socket already has
         (systemd's ``DeferAcceptSec=``) is its binder's choice and is kept; False applies
         the settings over it (``prefork run`` after an upgrade, where prefork bound it).
         """
-        server: Any = cls(
-            sock.getsockname(), RequestHandlerClass, bind_and_activate=False, **settings
-        )
-        server.socket.close()
-        server.socket = sock
-        server.server_address = sock.getsockname()
+        return cls(sock.getsockname(), *args, **{**kwargs, _ADOPT: (sock, binders_options)})
+
+    def _prefork_adopt_if_unbound(self) -> None:
+        """A class whose ``__init__`` never binds (it passes ``bind_and_activate=False``
+        on): the adopted socket replaces the unbound one all the same."""
+        if self._prefork_adopting is None:
+            return
+        sock, keep = self._prefork_adopting
+        self._prefork_adopting = None
+        self.socket.close()
+        self.socket = sock
+        self.server_address = sock.getsockname()
+        self._prefork_bind_adopted(sock, self.server_address)
         if sock.type == socket.SOCK_STREAM:
-            sock.listen(server.request_queue_size)
-        server._prefork_tune_listener(keep_binders_options=binders_options)
-        if server.prefork_config.reuse_port and listeners.reuse_port_supported(sock):
-            # Bound elsewhere (fd://, systemd, the image before a USR2): per-worker
-            # siblings are possible only if that binder set SO_REUSEPORT.
-            reuse = sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
-            server._prefork_reuse_port = bool(reuse)
-            if not reuse:
-                log.warning(
-                    "reuse_port: %s was bound without SO_REUSEPORT; its workers share it "
-                    "until a restart binds it again",
-                    listeners.describe_address(server),
-                )
-        return server
+            sock.listen(self.request_queue_size)
+        self._prefork_tune_listener(keep)
 
     # -- binding, in the master ------------------------------------------------------------
     server_address: Any  # socketserver's, set by BaseServer.__init__ and server_bind
@@ -135,33 +177,83 @@ class PreForkMixIn:
     _prefork_unix_mode: int | None = None
 
     def server_bind(self) -> None:
-        """Bind, in the master. A Unix socket file is made by ``paths.bind_unix``: with its
-        owner and mode from the start, nothing changed by path afterwards (the master may
-        be root in a directory the workers' user can write to); stale files are
-        replaced, live ones refused. Other sockets bind as socketserver binds them."""
-        sock: socket.socket = self.socket  # type: ignore[attr-defined]
-        address: Any = self.server_address
+        """Bind, in the master, by prefork's rules, through whatever ``server_bind`` the
+        other classes make (see ``_prefork_front_bind``)."""
+        self._prefork_front_bind(super().server_bind)  # type: ignore[misc]
+
+    def _prefork_front_bind(self, bind: Callable[[], None]) -> None:
+        """Run ``bind`` (the classes' server_bind) with the socket armed: its first
+        ``bind()`` call, whoever makes it, goes through ``_prefork_bind_fresh`` or, for an
+        adopted socket, ``_prefork_bind_adopted``. HTTPServer's server_bind calls
+        TCPServer's directly, past any mix-in between them: the socket is where the
+        rules can hold whatever the classes' order."""
+        if self._prefork_in_bind:  # reached again through the classes' own chain
+            bind()
+            return
+        rules = self._prefork_bind_fresh
+        if self._prefork_adopting is not None:
+            adopted, keep = self._prefork_adopting
+            self._prefork_adopting = None
+            self._prefork_keep_binders_options = keep
+            self.socket.close()
+            self.socket = adopted
+            rules = self._prefork_bind_adopted
+        sock, plain = self.socket, type(self.socket)
+        sock.__class__ = _armed_class(plain)
+        _ARMED[id(sock)] = rules
+        self._prefork_in_bind = True
+        try:
+            bind()
+        finally:
+            self._prefork_in_bind = False
+            _ARMED.pop(id(sock), None)
+            sock.__class__ = plain
+
+    def _prefork_bind_fresh(self, sock: _Socket, address: Any) -> None:
+        """A Unix socket file is made by ``paths.bind_unix``: with its owner and mode from
+        the start, nothing changed by path afterwards (the master may be root in a
+        directory the workers' user can write to); stale files are replaced, live ones
+        refused. Other sockets bind as socketserver binds them, with SO_REUSEADDR for
+        TCP (no TIME_WAIT wait) and --reuse-port's SO_REUSEPORT."""
         if sock.family == socket.AF_UNIX and isinstance(address, str) and address[:1] != "\0":
             identity = paths.bind_unix(
                 sock, address, self._prefork_unix_owner, self._prefork_unix_mode
             )
             self._prefork_unlink = (os.getpid(), address, identity)
-            self.server_address = sock.getsockname()  # as TCPServer.server_bind does
             return
         if sock.type == socket.SOCK_STREAM and sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # no TIME_WAIT wait
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.prefork_config.reuse_port and listeners.reuse_port_supported(sock):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             self._prefork_reuse_port = True
-        super().server_bind()  # type: ignore[misc]
+        sock.bind(address)
+
+    def _prefork_bind_adopted(self, sock: _Socket, address: Any) -> None:
+        """Bound already (fd://, systemd, the image before a USR2): nothing to bind.
+        --reuse-port's per-worker siblings are possible only if that binder set
+        SO_REUSEPORT."""
+        if self.prefork_config.reuse_port and listeners.reuse_port_supported(sock):
+            reuse = sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+            self._prefork_reuse_port = bool(reuse)
+            if not reuse:
+                log.warning(
+                    "reuse_port: %s was bound without SO_REUSEPORT; its workers share it "
+                    "until a restart binds it again",
+                    listeners.describe_address(self),
+                )
+
+    _prefork_keep_binders_options = False
 
     def server_activate(self) -> None:
         super().server_activate()  # type: ignore[misc]
-        self._prefork_tune_listener()
+        self._prefork_tune_listener(self._prefork_keep_binders_options)
 
     def _prefork_tune_listener(self, keep_binders_options: bool = False) -> None:
-        """Options set on the listening socket, whether we bound it or adopted it."""
-        sock: socket.socket = self.socket  # type: ignore[attr-defined]
+        """Options set on the listening socket, whether we bound it or adopted it; once."""
+        if self._prefork_tuned:
+            return
+        self._prefork_tuned = True
+        sock: socket.socket = self.socket
         if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Accepted sockets inherit TCP_NODELAY on Linux: no per-connection syscall.
             nodelay = int(self.prefork_config.tcp_nodelay)
@@ -210,6 +302,9 @@ class PreForkMixIn:
 
     def server_close(self) -> None:
         super().server_close()  # type: ignore[misc]
+        self._prefork_forget_socket_file()
+
+    def _prefork_forget_socket_file(self) -> None:
         if self._prefork_unlink and self._prefork_unlink[0] == os.getpid():
             _, path, identity = self._prefork_unlink
             paths.unlink_if(path, identity)  # only if it is still our socket's file
@@ -252,29 +347,6 @@ class PreForkMixIn:
 
     def on_reload(self) -> None:
         """Master, when a reload (HUP, or USR2 after the re-exec) starts a new generation."""
-
-    # -- in the workers -----------------------------------------------------------------------
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        """ThreadingMixIn's per-request thread; tells the thread worker when it is done."""
-        try:
-            super().process_request_thread(request, client_address)  # type: ignore[misc]
-        finally:
-            self._prefork_request_done()
-
-    def shutdown_request(self, request: Any) -> None:
-        """End a connection: close it, as TCPServer does, without its shutdown(SHUT_WR)
-        when close() alone sends the FIN, which is when no file from makefile() is left
-        open on it. socketserver shuts down first for the case where one is (the close
-        would then wait for the garbage collector): so do we. One syscall fewer per
-        connection, measured at 5-15% of a small HTTP request's cost (docs/design.md).
-        Datagram servers and subclasses that override this are unaffected."""
-        if getattr(request, "_io_refs", None) == 0:
-            self.close_request(request)  # type: ignore[attr-defined]
-        else:
-            super().shutdown_request(request)  # type: ignore[misc]
-
-    def _prefork_request_done(self) -> None:
-        """Replaced by the thread worker in its process."""
 
     def _prefork_name(self) -> str:
         if self.prefork_config.name:

@@ -31,6 +31,7 @@ FIXED_UNTIL_RESTART = (
     "preload",
     "server_class",
     "chdir",
+    "pythonpath",
     "pid",
     "reuse_port",
     "backlog",

@@ -41,6 +41,18 @@ log = logging.getLogger("prefork.target")
 CHECK_TIMEOUT = 600.0  # seconds an import check may take when --boot-timeout is 0 (off)
 CHECK_SAYS_AT_MOST = 1 << 20  # bytes the check child may write: it runs the app's code
 _END_OF_NAMES = b"\0"  # the child's names as they come, then this, then its answer
+# Among the check's names: MODULE:OBJECT is a server class (the master builds it). A
+# name no module has, so that it crosses a USR2 (the old image hands the new one the
+# check's names as they are) whatever version either image is.
+SERVER_CLASS_MARK = ":server-class"
+
+
+def is_server_class(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, socketserver.BaseServer)
+
+
+def is_handler_class(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, socketserver.BaseRequestHandler)
 
 
 class Target(NamedTuple):
@@ -61,21 +73,30 @@ class Target(NamedTuple):
     def __str__(self) -> str:
         return f"{self.module}:{self.object}"
 
-    def loader(self, app_dir: str) -> Callable[[], type[socketserver.BaseRequestHandler]]:
-        """What a worker calls after its fork: the app's directory on its path, then load."""
+    def loader(self, import_path: list[str]) -> Callable[[], type[socketserver.BaseRequestHandler]]:
+        """What a worker calls after its fork: the app's directories on its path, then load."""
 
         def load_in_worker() -> type[socketserver.BaseRequestHandler]:
-            add_cwd_to_path(app_dir)
+            add_to_path(import_path)
             return self.load()
 
         return load_in_worker
 
     def load(self) -> type[socketserver.BaseRequestHandler]:
         """Import the module and return the handler class; AppImportError says what failed."""
+        obj = self.load_any()
+        if is_server_class(obj):
+            raise AppImportError(f"{self} is a server class, not a request handler class")
+        return obj
+
+    def load_any(self) -> type:
+        """Import the module and return what it names: a request handler class, or a
+        server class (a socketserver.BaseServer subclass), which the master builds."""
         obj = self.resolve()
-        if not (isinstance(obj, type) and issubclass(obj, socketserver.BaseRequestHandler)):
+        if not (isinstance(obj, type) and (is_server_class(obj) or is_handler_class(obj))):
             raise AppImportError(
-                f"{self} is not a request handler class (a socketserver.BaseRequestHandler "
+                f"{self} is neither a request handler class (a socketserver."
+                f"BaseRequestHandler subclass) nor a server class (a socketserver.BaseServer "
                 f"subclass), it is {type(obj).__name__!r}"
             )
         return obj
@@ -98,7 +119,7 @@ class Target(NamedTuple):
     def check(
         self,
         identity: Identity | None = None,
-        app_dir: str | None = None,
+        import_path: list[str] | None = None,
         timeout: float = CHECK_TIMEOUT,
         on_stdlib: Callable[[list[str]], int] | None = None,
         meanwhile: Callable[[], None] | None = None,
@@ -107,13 +128,15 @@ class Target(NamedTuple):
 
         A child, so a broken or half-imported app never lands in the master's memory;
         as the workers' ``identity``, so an app they cannot read fails here, and from
-        ``app_dir`` (on the child's path only). Returns the standard-library modules the
-        import pulled in (see ``import_stdlib``). ``on_stdlib`` is called meanwhile with
-        the standard modules whose import the child has begun, as they come: untrusted
-        names (the app's code may write anything), for ``import_stdlib`` to filter. An
-        import still running after ``timeout`` seconds (stuck, or stopped by the workers'
-        user, whose process it is) is killed and fails the check. ``meanwhile`` runs in
-        the master once the child is on its way (its names wait in the pipe).
+        ``import_path`` (the current directory by default; on the child's path only).
+        Returns the standard-library modules the import pulled in (``import_stdlib``),
+        and SERVER_CLASS_MARK last when the target is a server class. ``on_stdlib`` is
+        called meanwhile with the standard modules whose import the child has begun, as
+        they come: untrusted names (the app's code may write anything), for
+        ``import_stdlib`` to filter. An import still running after ``timeout`` seconds
+        (stuck, or stopped by the workers' user, whose process it is) is killed and fails
+        the check. ``meanwhile`` runs in the master once the child is on its way (its
+        names wait in the pipe).
         """
         read_fd, write_fd = os.pipe()
         parent = os.getpid()
@@ -128,13 +151,14 @@ class Target(NamedTuple):
                     if identity is not None:
                         identity.switch()
                         die_with_parent(parent)  # forgotten at the change of user
-                    add_cwd_to_path(app_dir)
+                    add_to_path(import_path or [os.getcwd()])
                     before = set(sys.modules)
                     if on_stdlib is not None:
                         sys.addaudithook(_name_stdlib_imports(write_fd))
-                    self.load()
+                    served = self.load_any()
                     stdlib = stdlib_modules(set(sys.modules) - before)
-                    message = "\n".join(["ok", *stdlib]).encode()
+                    mark = [SERVER_CLASS_MARK] if is_server_class(served) else []
+                    message = "\n".join(["ok", *stdlib, *mark]).encode()
                 except (AppImportError, IdentityError) as exc:
                     message = str(exc).encode("utf-8", "replace")
                 with os.fdopen(write_fd, "wb") as pipe:
@@ -299,19 +323,33 @@ def _last_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def add_cwd_to_path(directory: str | None = None) -> bool:
-    """Make MODULE importable from ``directory`` (the current one), as ``python -m`` does;
-    whether it was added (False: on the path already).
+def app_import_path(pythonpath: tuple[str, ...], started_in: str) -> list[str]:
+    """Where MODULE is imported from: the --pythonpath directories (each may hold several,
+    comma-separated), then the directory ``prefork run`` started in (as ``python -m``
+    would); relative ones from there. Never --chdir's: a served tree is not code."""
+    given = [part.strip() for value in pythonpath for part in value.split(",")]
+    dirs = [os.path.normpath(os.path.join(started_in, d)) for d in given if d]
+    return list(dict.fromkeys([*dirs, started_in]))
+
+
+def absolute_path_entries(started_in: str) -> None:
+    """Relative ``sys.path`` entries ("" for ``python -c``, a relative PYTHONPATH) are
+    found from the working directory, which --chdir is about to make the served one:
+    they mean the start directory, and are made to say so."""
+    sys.path[:] = [p if os.path.isabs(p) else os.path.join(started_in, p) for p in sys.path]
+    sys.path_importer_cache.clear()
+
+
+def add_to_path(dirs: list[str]) -> list[str]:
+    """Put ``dirs`` first on the path, in their order; those that were not on it already.
 
     ``prefork run`` does this in the workers and the import check, after the fork, and in
     the master only with --preload or --server-class, which import code there: the
-    master, perhaps root, otherwise keeps the app's directory off its own path.
+    master, perhaps root, otherwise keeps the app's directories off its own path.
     """
-    directory = directory or os.getcwd()
-    if directory in sys.path:
-        return False
-    sys.path.insert(0, directory)
-    return True
+    added = [d for d in dirs if d not in sys.path]
+    sys.path[:0] = added
+    return added
 
 
 def module_source(name: str) -> str | None:

@@ -316,7 +316,8 @@ def _place_at_listen_fds(fds: list[int]) -> Callable[[], None]:
 
 
 def _app_dir() -> str:
-    """The master's working directory is the app's (after --chdir); '' if it is gone."""
+    """The master's working directory (--chdir's); '' if it is gone. Named ``app_dir``
+    in the handover, from when --chdir was also where the app was imported from."""
     try:
         return os.getcwd()
     except OSError:

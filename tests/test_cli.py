@@ -33,8 +33,8 @@ def assert_one_line_error(result: object, *fragments: str) -> None:
     [
         (["nosuchmodule:Handler"], ["cannot import 'nosuchmodule'", "No module named"]),
         (["apps:Missing"], ["module 'apps' has no object 'Missing'"]),
-        (["apps:not_a_class"], ["apps:not_a_class is not a request handler class"]),
-        (["os:path"], ["os:path is not a request handler class"]),
+        (["apps:not_a_class"], ["apps:not_a_class is neither a request handler class"]),
+        (["os:path"], ["os:path is neither a request handler class"]),
         (["apps"], ["expected MODULE:OBJECT"]),
         (["apps:Echo", "-w", "0"], ["workers must be at least 1, got 0"]),
         (["apps:Echo", "-w", "lots"], ["'lots' is not a valid integer"]),

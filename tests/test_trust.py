@@ -616,15 +616,15 @@ import socket, socketserver
 from prefork import cli
 from prefork.errors import PreforkError
 from prefork.handover import Handover
-given = dict(user="nobody", server_class="rootserver:S", chdir={str(start_dir)!r})
+given = dict(user="nobody", server_class="rootserver:S", pythonpath=({str(start_dir)!r},))
 try:
     cli.prepare("hostile:Echo", given, {str(open_dir)!r}, False, [], [])
 except PreforkError as exc:
     print("the new start:", exc)
-settings = dict(user="nobody", server_class="rootserver:S")
+settings = dict(user="nobody", server_class="rootserver:S", pythonpath=[{str(start_dir)!r}])
 handover = Handover(1, -1, -1, settings=settings, app_dir={str(start_dir)!r})
 try:
-    start = cli.as_before("hostile:Echo", handover)
+    start = cli.as_before("hostile:Echo", handover, {str(open_dir)!r})
     cli.server_class(socketserver.TCPServer, start.config, socket.AF_INET)
     print("served on")
 except PreforkError as exc:
@@ -730,11 +730,11 @@ def test_modules_the_master_imports_later_never_come_from_the_start_directory(
     assert result.returncode == 0, result.stderr
     # And a running master, through what makes it import more: USR2 (subprocess,
     # tempfile), HUP, --max-rss (psutil), --max-requests-jitter (random). `python -m` puts
-    # the start directory (root's here) first; --chdir makes the workers' user's directory
-    # the app's.
+    # the start directory (root's here) first; --pythonpath makes the workers' user's
+    # directory the app's.
     server = serve(
         "hostile:Echo", "-w", "1", "-b", "127.0.0.1:0", "--user", "nobody",
-        "--server-class", "rootserver:S", "--chdir", str(start_dir), "--max-rss", "500",
+        "--server-class", "rootserver:S", "--pythonpath", str(start_dir), "--max-rss", "500",
         "--max-requests", "1000", "--max-requests-jitter", "10",
         cwd=open_dir, interpreter=as_nobody, env={"PYTHONPATH": path},
     )  # fmt: skip

@@ -182,6 +182,33 @@ def prepare(server: Any) -> None:
         server.get_request = accept_on(server.socket, connection_class, per_connection)
     elif timeout is not None:
         server.get_request = _timed(server.get_request, connection_class, per_connection)
+    if server.socket.family == socket.AF_UNIX and server.socket.type == socket.SOCK_STREAM:
+        server.get_request = _with_unix_peers(server.get_request)
+
+
+# What a handler sees as ``client_address`` for a stream Unix connection whose peer has
+# no name (nearly all: clients rarely bind). socketserver hands on accept()'s "", which
+# every handler that reads ``client_address[0]`` (http.server's address_string, wsgiref's
+# REMOTE_ADDR, logging) fails on; nginx writes "unix:" for such a peer, and so do we.
+UNIX_PEER = ("unix:", 0)
+
+
+def unix_peer(address: Any) -> Any:
+    """A stream Unix peer's address as a (host, port) pair: ("unix:", 0), or
+    ("unix:PATH", 0) for a peer bound to a name. Anything else is left as it is."""
+    if not address:
+        return UNIX_PEER
+    if isinstance(address, bytes):  # an abstract name: "\0" first, shown as "@"
+        address = "@" + address[1:].decode("utf-8", "replace")
+    return (f"unix:{address}", 0) if isinstance(address, str) else address
+
+
+def _with_unix_peers(get_request: Accept) -> Accept:
+    def get_request_named() -> tuple[socket.socket, Any]:
+        request, address = get_request()
+        return request, UNIX_PEER if address == "" else unix_peer(address)
+
+    return get_request_named
 
 
 def _is_tcp(sock: socket.socket) -> bool:

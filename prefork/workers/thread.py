@@ -3,11 +3,17 @@
 At the cap the worker stops accepting, so an idle sibling takes the next connection
 instead of it queueing behind busy threads. A finishing thread wakes the loop (only
 when the loop is paused) so accepting resumes at once.
+
+A connection counts as busy from its accept until its ``finish_request`` returns, which
+every ``process_request`` reaches, ThreadingMixIn's or an app's own (a thread pool's):
+the count is kept by wrapping the server's ``finish_request`` on the instance, in front
+of whatever the classes define.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from ..config import Config
@@ -24,8 +30,19 @@ class ThreadWorker(Worker):
 
     def boot(self) -> None:
         for server in self.servers:
-            server._prefork_request_done = self._request_done
+            server.finish_request = self._counted(server.finish_request)
         super().boot()
+
+    def _counted(self, finish_request: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+        done = self._request_done
+
+        def finish_and_count(request: Any, client_address: Any) -> None:
+            try:
+                finish_request(request, client_address)
+            finally:
+                done()
+
+        return finish_and_count
 
     def process(self, server: Any, request: Any, client_address: Any) -> None:
         with self._lock:
@@ -49,7 +66,7 @@ class ThreadWorker(Worker):
             return self.busy == 0
 
     def _request_done(self, notify: bool = True) -> None:
-        """Called at the end of every request thread (PreForkMixIn.process_request_thread)."""
+        """Called as every connection's ``finish_request`` returns, in its thread."""
         with self._lock:
             self.busy -= 1
             self.spec.heartbeat.set_active(self.busy)
