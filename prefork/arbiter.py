@@ -51,6 +51,7 @@ from .supervision import ErrorReport, ensure_descriptors, warn_about_timeouts
 from .systemd import Notifier
 from .upgrade import Upgrade, Upgrader
 from .version import __version__
+from .worker_process import WorkerInfo
 from .workers import worker_model
 from .workers.base import (
     STACK_DUMP_SIGNAL,
@@ -353,7 +354,9 @@ class Arbiter:
         if worker.heartbeat:
             self.served_by_exited += worker.heartbeat.requests_served()
             worker.heartbeat.close()
-        self.pool.exited(pid, describe_exit(os.waitstatus_to_exitcode(status)), time.monotonic())
+        code = os.waitstatus_to_exitcode(status)
+        self.pool.exited(pid, describe_exit(code), time.monotonic())
+        self._hook("child_exit", WorkerInfo(worker.nr, worker.generation, pid), code)
 
     def reopen_logs(self) -> None:
         """USR1: reopen the log file here and in every worker (after logrotate moved it).
@@ -377,7 +380,10 @@ class Arbiter:
 
     def resize(self, delta: int) -> None:
         """TTIN/TTOU: one worker more or less, from one to MAX_WORKERS."""
+        old = self.generations.serving.size
         self.pool.resize(delta, time.monotonic())
+        if self.generations.serving.size != old:
+            self._hook("nworkers_changed", self.generations.serving.size, old)
 
     def stop(self, graceful: bool) -> None:
         """TERM: finish in-flight requests within graceful_timeout. INT/QUIT: now."""

@@ -253,6 +253,10 @@ def prepare(
         for path, what in ((config.log_file, "log file"), (config.access_log, "access log")):
             if path and path != "-":
                 paths.check_appendable(path, owner, what)
+    if checking and config.log_config:
+        from . import log_config
+
+        log_config.check(config.log_config)
     return Start(app, config, specs, identity, import_path, handler, stdlib, server_target)
 
 
@@ -561,6 +565,12 @@ def _open_logs(config: Config, identity: Identity | None, upgraded: bool = False
             from .access import prepare_access_log
 
             prepare_access_log(config.access_log, owner)
+        if config.log_config:
+            from . import log_config  # here: logging.config's import is for those who ask
+
+            log_config.apply(config.log_config)
+        if config.capture_output:
+            log.capture_output()
     except PreforkError as exc:
         if not upgraded:
             raise

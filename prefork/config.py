@@ -225,6 +225,21 @@ class Config:
         "directory; searched first, in the order given.",
     )
     log_level: LogLevel = setting("info", library=False, help="Least severe level logged.")
+    capture_output: bool = setting(
+        False,
+        library=False,
+        help="Send stdout and stderr, the master's and the workers' (prints, tracebacks "
+        "from handle_error, Python's last-resort log lines), to --log-file, reopened by "
+        "USR1 with it. Without --log-file, stdout joins stderr.",
+    )
+    log_config: str | None = setting(
+        None,
+        library=False,
+        default_text="none",
+        help="A logging.config.dictConfig file (.json or .toml) for the app's own loggers "
+        "and handlers, applied in the master before the fork; disable_existing_loggers "
+        "defaults to false.",
+    )
     log_file: str | None = setting(
         None,
         library=False,

@@ -27,7 +27,7 @@ def read_config_file(path: str, table: tuple[str, ...] = ()) -> dict[str, Any]:
 
     Every problem is one ConfigError line naming the file, the key and what was expected.
     """
-    data: Any = _parse_toml(path)
+    data: Any = parse_toml_file(path)
     for name in table:
         data = data.get(name, {})
         if not isinstance(data, dict):
@@ -67,7 +67,7 @@ def find_config_file(given: str | None, cwd: str = ".") -> tuple[str, tuple[str,
         # "pref\u006frk", is not seen.) A file that may hold the table must parse: its
         # settings were meant for us, and starting without them would be wrong.
         return None
-    tool = _parse_toml(pyproject).get("tool", {})
+    tool = parse_toml_file(pyproject).get("tool", {})
     has_table = isinstance(tool, dict) and "prefork" in tool
     return (pyproject, ("tool", "prefork")) if has_table else None
 
@@ -98,7 +98,7 @@ def toml_module() -> Any:
     return tomllib
 
 
-def _parse_toml(path: str) -> dict[str, Any]:
+def parse_toml_file(path: str) -> dict[str, Any]:
     """A TOML file's content; every way it can be unreadable is one ConfigError line.
 
     Read with paths.read_small_file: the master may be root and the file in a directory

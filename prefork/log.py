@@ -2,7 +2,10 @@
 
 Every line names its process: ``master`` or ``worker N``, and the PID. USR1 reopens the
 log file in the master and in every worker (for logrotate: move the file, send USR1).
-The library never configures logging; it only logs to ``prefork.*`` loggers.
+The library logs to ``prefork.*`` loggers, which reach the host's logging configuration
+(its root logger's handlers and level). A host that has none would lose them (logging's
+last resort shows warnings only): ``serve_forever`` then sends them to stderr, as
+``prefork run`` does (``configure_if_unconfigured``).
 
 Lines may carry text from clients (a Unix peer's path) or from workers (a boot error),
 so the text format escapes whatever is not printable (``escape.printable``): a line
@@ -144,6 +147,48 @@ def configure(
     logger.propagate = False  # the app's own root logger set-up stays the app's
 
 
+def configure_if_unconfigured() -> bool:
+    """The library's serve_forever: prefork's lines to stderr at info level, as
+    ``prefork run`` logs them, unless the host configured logging (a handler on the root
+    logger or on prefork's, or a level on prefork's): whether it did configure them."""
+    root, ours = logging.getLogger(), logging.getLogger(_LOGGER)
+    if root.handlers or ours.handlers or ours.level != logging.NOTSET:
+        return False
+    configure("info")
+    return True
+
+
+_capturing = False  # --capture-output: descriptors 1 and 2 follow the log file
+
+
+def capture_output() -> None:
+    """--capture-output: descriptors 1 and 2 become the log file's (stdout joins stderr
+    when the log goes to stderr), here and in every worker forked from now on; stdout is
+    line-buffered, so that a print reaches the file when it is made."""
+    global _capturing
+    _capturing = True
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    _point_stdio_at_the_log()
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        with contextlib.suppress(Exception):
+            reconfigure(line_buffering=True)
+
+
+def _point_stdio_at_the_log() -> None:
+    target = 2
+    for handler in logging.getLogger(_LOGGER).handlers:
+        if isinstance(handler, LogFile):
+            stream = handler.ensure_open()
+            if not handler.on_stderr:
+                target = stream.fileno()
+    for fd in (1, 2):
+        if fd != target:
+            os.dup2(target, fd)
+
+
 def set_slot(slot: str) -> None:
     """In a worker, right after the fork: its lines say 'worker N' from now on."""
     _slot.slot = slot
@@ -158,9 +203,14 @@ def reopen(eagerly: bool = False) -> bool:
     for handler in logging.getLogger(_LOGGER).handlers:
         if isinstance(handler, LogFile):
             handler.reopen()
-            if eagerly:
+            if eagerly or _capturing:
                 handler.ensure_open()
             reopened = not handler.on_stderr
+    if _capturing and reopened:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        _point_stdio_at_the_log()
     return reopened
 
 

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import listeners, paths
+from . import log as prefork_log
 from .arbiter import Arbiter
 from .config import LIBRARY_SETTINGS, Config
 from .escape import printable, printable_traceback
@@ -90,7 +91,8 @@ class PreForkMixIn:
     silent for longer than ``client_timeout`` (it is logged at debug level).
 
     Hooks, which may be overridden (see each one for its process and moment):
-    ``on_starting``, ``when_ready``, ``pre_fork``, ``post_fork``, ``worker_exit``,
+    ``on_starting``, ``when_ready``, ``pre_fork``, ``post_fork``, ``post_worker_init``,
+    ``worker_exit``, ``worker_abort``, ``child_exit``, ``nworkers_changed``,
     ``on_reload``. A hook that raises in the master is logged and serving goes on.
 
     May be extended; call super(): ``__init__``, ``server_bind``, ``server_activate``,
@@ -134,6 +136,8 @@ class PreForkMixIn:
         self._prefork_shutdown_requested = False
         self._prefork_stopped = threading.Event()
         self._prefork_stopped.set()
+        # Set in a worker when it is told to stop: handlers read it (workers/stopping.py).
+        self.prefork_stopping = threading.Event()
         self._prefork_reuse_port = False
         # A Unix socket file we made: (pid that bound it, path, (st_dev, st_ino)).
         self._prefork_unlink: tuple[int, str, tuple[int, int] | None] | None = None
@@ -272,6 +276,7 @@ class PreForkMixIn:
         Returns only when every worker has exited. Outside the main thread no signal
         handlers are installed, and ``shutdown()`` is the way to stop.
         """
+        prefork_log.configure_if_unconfigured()  # before any line: none is lost
         with self._prefork_lock:
             if self._prefork_shutdown_requested:  # shutdown() came first: do not start
                 self._prefork_shutdown_requested = False
@@ -340,6 +345,23 @@ class PreForkMixIn:
     def post_fork(self, worker: WorkerInfo) -> None:
         """Worker, just after the fork, before it imports the app (``prefork run``) and
         reports ready. Raising makes it a boot failure."""
+
+    def post_worker_init(self, worker: WorkerInfo) -> None:
+        """Worker, once the app is imported (``prefork run``; with nothing to import, right
+        after ``post_fork``), before it reports ready. Raising makes it a boot failure."""
+
+    def worker_abort(self, worker: WorkerInfo) -> None:
+        """Worker, when the master asks a stuck worker for its stack (--timeout), just
+        after the stack is written, before the SIGKILL (half a second later). It runs
+        only if the worker's main thread gets back to Python code in that time: a
+        handler stuck inside a C call never lets it."""
+
+    def child_exit(self, worker: WorkerInfo, exit_code: int) -> None:
+        """Master, when a worker has exited, however it ended: ``exit_code`` as
+        ``os.waitstatus_to_exitcode`` gives it (negative: the signal that killed it)."""
+
+    def nworkers_changed(self, new: int, old: int) -> None:
+        """Master, when TTIN or TTOU changed the number of workers from ``old`` to ``new``."""
 
     def worker_exit(self, worker: WorkerInfo) -> None:
         """Worker, as it leaves after a graceful stop or retirement (not when it is

@@ -40,6 +40,8 @@ FIXED_UNTIL_RESTART = (
     "client_timeout",
     "config",
     "umask",
+    "capture_output",
+    "log_config",
 )
 
 

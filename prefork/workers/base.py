@@ -21,6 +21,7 @@ import signal
 import socket
 import socketserver
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from ..process import close_all_but, die_with_parent, set_title
 from ..worker_process import WorkerInfo
 from . import connection
 from .poller import Poller
+from .stopping import Stopping
 
 log = logging.getLogger("prefork.worker")
 
@@ -50,8 +52,10 @@ _HANDLED = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGUSR1)
 
 
 def _dump_stack_to_log_on_signal() -> None:
-    """Point faulthandler's STACK_DUMP_SIGNAL at the log (again, after it was reopened)."""
-    faulthandler.register(STACK_DUMP_SIGNAL, file=prefork_log.stack_stream(), all_threads=True)
+    """Point faulthandler's STACK_DUMP_SIGNAL at the log (again, after it was reopened),
+    then the Python handler (worker_abort) as well: faulthandler calls it after the dump."""
+    stream = prefork_log.stack_stream()
+    faulthandler.register(STACK_DUMP_SIGNAL, file=stream, all_threads=True, chain=True)
 
 
 ACCEPT_BATCH = 64  # most requests served from one socket between two selects
@@ -119,6 +123,10 @@ class Worker:
         self._timed: dict[Any, float] = {}  # servers with a .timeout -> last activity
         self.access: AccessLog | None = None
         self.info = WorkerInfo(spec.nr, spec.generation, os.getpid())
+        # server.prefork_stopping, shared by this worker's servers (stopping.py)
+        self.stopping = Stopping(
+            getattr(self.servers[0], "prefork_stopping", None) or threading.Event()
+        )
 
     # -- entry point, in the child right after fork ---------------------------------------
     def run(self) -> NoReturn:
@@ -159,10 +167,12 @@ class Worker:
         prefork_log.set_slot(f"worker {spec.nr}")
         for signum in _HANDLED:
             signal.signal(signum, self.wakeup.handler)
+        signal.signal(signal.SIGTERM, self._on_term)
         for signum in _IGNORED:
             signal.signal(signum, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signals.wake_on_any_thread(self.wakeup)  # the sync worker has a watcher thread
+        signal.signal(STACK_DUMP_SIGNAL, self._on_abort)  # chained after the dump
         _dump_stack_to_log_on_signal()
         signals.unblock_all()  # the master blocked them around fork()
         set_title(f"prefork: worker {spec.nr} [{plan.name}]")
@@ -171,6 +181,10 @@ class Worker:
             handler_class = plan.loader()
             for server in self.servers:
                 server.RequestHandlerClass = handler_class
+        for server in self.servers:
+            server.prefork_stopping = self.stopping.event
+            server.RequestHandlerClass = self.stopping.serving(server.RequestHandlerClass)
+        self.servers[0].post_worker_init(self.info)
         if spec.watch_code:
             from .. import reloader  # only --reload pays for its imports
 
@@ -199,6 +213,20 @@ class Worker:
         keep |= {sock.fileno() for sock in spec.sockets if sock is not None}
         keep |= prefork_log.descriptors()
         return keep
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        """TERM: handlers learn at once that they are to finish (a sync worker's loop may
+        be inside one that waits for its client); the loop stops accepting next."""
+        self.wakeup.handler(signum, frame)
+        self.stopping.set()
+
+    def _on_abort(self, signum: int, frame: Any) -> None:
+        """The master is about to kill this stuck worker: worker_abort, which may not fail
+        the last moments (its stack is already in the log)."""
+        try:
+            self.servers[0].worker_abort(self.info)
+        except Exception:
+            log.exception("the worker_abort hook failed")
 
     def _code_changed(self, paths: set[str]) -> None:
         """The reloader's thread: one line, then the master reloads as on HUP."""
@@ -329,6 +357,7 @@ class Worker:
         self.pause_accepting()
         self.alive = False
         self.draining = False
+        self.stopping.set()
         for server in self.servers:
             if server.socket.type == socket.SOCK_STREAM:
                 server.socket.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import os
+import signal
 
 from ..errors import EXIT_OK
 from .base import Worker
@@ -18,8 +19,17 @@ class SyncWorker(Worker):
         super().boot()
         # Not threading.Thread: its start() waits until the new thread has run, a
         # millisecond or more of every boot on a busy machine, and nothing here needs
-        # to know that it has (nor to join it: the worker leaves by os._exit).
-        _thread.start_new_thread(self._exit_when_master_dies, ())
+        # to know that it has (nor to join it: the worker leaves by os._exit). Started
+        # with every signal blocked, which it keeps: signals then reach the main
+        # thread, interrupting a handler that waits for its client, so that a TERM's
+        # handler runs at once (it wakes a waiting keep-alive connection, stopping.py).
+        # Delivered to this thread, a TERM would wait for that handler's next bytecode.
+        every = signal.valid_signals()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, every)
+        try:
+            _thread.start_new_thread(self._exit_when_master_dies, ())
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def _exit_when_master_dies(self) -> None:
         try:
