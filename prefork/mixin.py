@@ -27,7 +27,7 @@ from typing import Any
 
 from . import listeners, paths
 from .arbiter import Arbiter
-from .config import LIBRARY_SETTINGS, Config
+from .config import LIBRARY_SETTINGS, SOCKETSERVER_ATTRIBUTES, Config
 from .escape import printable, printable_traceback
 from .heartbeat import describe_client
 from .worker_process import WorkerInfo
@@ -78,7 +78,8 @@ class PreForkMixIn:
                 f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}"
             )
         vars(self).update(settings)
-        self.prefork_config = Config(**{name: getattr(self, name) for name in LIBRARY_SETTINGS})
+        given = {name: getattr(self, name) for name in LIBRARY_SETTINGS if hasattr(self, name)}
+        self.prefork_config = Config(**given)
         self.request_queue_size = listeners.listen_backlog(self.prefork_config.backlog)
         self._prefork_lock = threading.Lock()
         self._prefork_arbiter: Arbiter | None = None
@@ -284,5 +285,6 @@ class PreForkMixIn:
 
 
 _DEFAULTS = Config()
-for _name in LIBRARY_SETTINGS:  # class attributes, one per library setting, declared once
+# Class attributes, one per library setting, declared once; not socketserver's own.
+for _name in set(LIBRARY_SETTINGS) - SOCKETSERVER_ATTRIBUTES:
     setattr(PreForkMixIn, _name, getattr(_DEFAULTS, _name))
