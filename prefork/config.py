@@ -30,6 +30,7 @@ MIN_TIMEOUT = 1.0  # the master looks at heartbeats every 0.5 s: less kills heal
 MAX_COUNT = 10**12
 MAX_WORKERS = 1024
 MAX_THREADS = 10_000
+MAX_CHILDREN = 10_000  # per fork worker, as --threads: past that it is a fork bomb, not a pool
 MAX_BACKLOG = 2**31 - 1  # listen()'s int; the kernel then caps it at net.core.somaxconn
 
 
@@ -99,6 +100,15 @@ class Config:
         maximum=MAX_THREADS,
         help="Most connections a thread worker serves at once; at that many it stops "
         "accepting so idle workers take new connections.",
+    )
+    max_children: int = setting(
+        40,  # socketserver.ForkingMixIn's own
+        minimum=1,
+        maximum=MAX_CHILDREN,
+        help="Most connections a fork worker serves at once, each in a child process of "
+        "its own (ForkingMixIn's max_children); at that many it stops accepting so idle "
+        "workers take new connections. Fork workers only: sync and thread workers "
+        "ignore it (for thread workers see --threads).",
     )
     backlog: int = setting(
         2048,
@@ -327,6 +337,10 @@ def env_var(f: Any) -> str:
 
 
 LIBRARY_SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(Config) if f.metadata["library"])
+# Library settings that are socketserver's own attributes: PreForkMixIn declares none for
+# them, so that a ForkingMixIn subclass's value, later in the bases, applies as it would
+# without prefork; a server that has none gets the default.
+SOCKETSERVER_ATTRIBUTES = frozenset({"max_children"})
 
 
 def settings_table() -> str:

@@ -29,7 +29,7 @@ from typing import Any
 from . import listeners, paths
 from . import log as prefork_log
 from .arbiter import Arbiter
-from .config import LIBRARY_SETTINGS, Config
+from .config import LIBRARY_SETTINGS, SOCKETSERVER_ATTRIBUTES, Config
 from .escape import printable, printable_traceback
 from .heartbeat import describe_client
 from .worker_process import WorkerInfo
@@ -128,7 +128,8 @@ class PreForkMixIn:
             return
         self._prefork_ready = True
         vars(self).update(settings)
-        self.prefork_config = Config(**{name: getattr(self, name) for name in LIBRARY_SETTINGS})
+        given = {name: getattr(self, name) for name in LIBRARY_SETTINGS if hasattr(self, name)}
+        self.prefork_config = Config(**given)
         self.request_queue_size = listeners.listen_backlog(self.prefork_config.backlog)
         self._prefork_adopting = adopting
         self._prefork_lock = threading.Lock()
@@ -378,5 +379,6 @@ class PreForkMixIn:
 
 
 _DEFAULTS = Config()
-for _name in LIBRARY_SETTINGS:  # class attributes, one per library setting, declared once
+# Class attributes, one per library setting, declared once; not socketserver's own.
+for _name in set(LIBRARY_SETTINGS) - SOCKETSERVER_ATTRIBUTES:
     setattr(PreForkMixIn, _name, getattr(_DEFAULTS, _name))

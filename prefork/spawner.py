@@ -116,6 +116,7 @@ class Spawner:
                 request_timeout=config.worker_timeout,
                 graceful_timeout=config.graceful_timeout,
                 threads=config.threads,
+                max_children=config.max_children,
                 access_log=config.access_log,
                 log_format=config.log_format,
             )

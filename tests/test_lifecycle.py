@@ -52,9 +52,6 @@ class Info(socketserver.StreamRequestHandler):
             self.wfile.write(b"ok\n")
         else:
             self.wfile.write(f"{os.getpid()} {VERSION}\n".encode())
-
-class OneChild(socketserver.ForkingMixIn):
-    max_children = 1
 '''
 
 
@@ -358,8 +355,7 @@ def test_kill_9_of_the_master_during_a_reload_takes_its_booting_workers(
 
 def test_a_fork_worker_at_its_max_children_dies_with_its_master(serve, listener, life: Path):
     server = serve(
-        "life:Info", "-w", "1", "-k", "fork", "--server-class", "life:OneChild",
-        listen_on=listener,
+        "life:Info", "-w", "1", "-k", "fork", "--max-children", "1", listen_on=listener,
     )  # fmt: skip
     (worker,) = server.wait_ready(1)
     with socket.create_connection(listener.getsockname(), timeout=10) as conn:

@@ -79,6 +79,7 @@ class WorkerPlan(NamedTuple):
     request_timeout: float = 0.0  # fork workers: kill a connection child running longer
     graceful_timeout: float = 30.0  # the final drain ends well inside it
     threads: int = 16  # thread workers: connections served at once
+    max_children: int = 40  # fork workers: connection children at once
     access_log: str | None = None  # path, "-" for stderr; None: no access log
     log_format: str = "text"
 
