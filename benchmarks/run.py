@@ -139,6 +139,9 @@ BAR = (
     ("keepalive", "prefork thread -w 2", "gunicorn gthread -w 2 --threads 16", 1.5),
     ("crunch", "prefork sync -w 2", "stdlib ThreadingTCPServer", 1.7),
     ("echo", "prefork sync -w 2", "stdlib ForkingTCPServer", 3.0),
+    # Tight handlers: prefork's own cost per request, beside the least a loop can do.
+    ("echo", "prefork sync -w 2", "floor (hand-written pre-fork) -w 2", 0.95),
+    ("crunch", "prefork sync -w 2", "floor (hand-written pre-fork) -w 2", 0.95),
 )
 
 
