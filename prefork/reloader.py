@@ -12,6 +12,13 @@ kernel's inotify through a maintained library (the one uvicorn uses), which also
 batches the burst of events an editor's save makes. Without it, the files' mtimes are
 polled every second. Either way a change is acted on once it has been quiet for
 ``DEBOUNCE`` seconds, so a save of several files makes one reload.
+
+A worker that forks a child per connection (``-k fork``, ForkingMixIn) runs no watcher
+thread: a fork copies only the forking thread, and a lock the watcher (or watchfiles'
+own threads) held at that instant, a stream's buffer lock as it logs say, would stay
+held in the child (CPython re-makes only a few, the logging module's among them); and
+CPython 3.12+ warns of every such fork. That worker polls instead, from its own loop's
+turns (``LoopWatch``): the same mtimes, the same debounce.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import os
 import sys
 import sysconfig
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 log = logging.getLogger("prefork.worker")
@@ -90,6 +98,40 @@ def start_watching(files: set[str], on_change: OnChange) -> threading.Event:
         target=target, args=(poller, on_change, stop), name="prefork-reload", daemon=True
     ).start()
     return stop
+
+
+class LoopWatch:
+    """The polling fallback, driven by the worker loop instead of a thread: call it once
+    per turn; it looks at the files once per ``POLL_INTERVAL`` (a clock read otherwise)
+    and then, after a change, every ``DEBOUNCE`` until they are quiet, as ``_poll`` does.
+    ``on_change`` runs in the caller's thread, between two turns."""
+
+    def __init__(
+        self, files: set[str], on_change: OnChange, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        log.info(
+            "--reload: watching %d module files, polling every second from the loop "
+            "(a worker that forks per connection runs no watcher thread)",
+            len(files),
+        )
+        self._poller = Poller(files)  # taken now, at boot: a save from here on is a change
+        self._on_change, self._clock = on_change, clock
+        self._pending: set[str] = set()  # changed, and not yet quiet for DEBOUNCE
+        self._next = clock() + POLL_INTERVAL
+
+    def __call__(self) -> None:
+        now = self._clock()
+        if now < self._next:
+            return
+        changed = self._poller.changed()
+        if changed:  # look again soon: the editor may not have finished writing
+            self._pending |= changed
+            self._next = now + DEBOUNCE
+            return
+        self._next = now + POLL_INTERVAL
+        if self._pending:
+            settled, self._pending = self._pending, set()
+            self._on_change(settled)
 
 
 def _watchfiles(poller: Poller, on_change: OnChange, stop: threading.Event) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -53,10 +54,14 @@ class Wakeup:
     def handler(self, signum: int, _frame: FrameType | None) -> None:
         self.notify(signum)
 
-    def drain(self) -> None:
+    def drain(self) -> bool:
+        """Empty the pipe. Returns whether a signal's C-level handler wrote to it (its
+        number, through ``wake_on_any_thread``; ``notify`` writes 0)."""
+        signalled = False
         with contextlib.suppress(BlockingIOError):
-            while os.read(self.read_fd, 4096):
-                pass
+            while data := os.read(self.read_fd, 4096):
+                signalled = signalled or bool(data.strip(b"\0"))
+        return signalled
 
     def close(self) -> None:
         for fd in (self.read_fd, self.write_fd):
@@ -103,6 +108,21 @@ def wake_on_any_thread(wakeup: Wakeup) -> int:
     to the wakeup fd at once, from any thread. Returns the previous wakeup fd.
     """
     return signal.set_wakeup_fd(wakeup.write_fd, warn_on_full_buffer=False)
+
+
+# CPython runs a Python signal handler between two bytecodes of the main thread, once
+# its C-level handler has flagged the main thread's state. From 3.13 that is the state
+# of the thread that was the main one at start-up: in a process forked from another
+# thread (a worker of a serve_forever() run outside the main thread) that thread does
+# not exist, and the handlers wait for the next system call a signal interrupts, which
+# for an idle worker is never. Such a process runs them itself (run_handlers_now).
+HANDLERS_LAG_WHEN_FORKED_OFF_MAIN = sys.version_info >= (3, 13)
+
+
+def run_handlers_now() -> None:
+    """Run, in this thread (the main one), the Python handlers of signals that arrived:
+    ``pthread_kill`` with signal 0 sends nothing, and then runs them."""
+    signal.pthread_kill(threading.get_ident(), 0)
 
 
 @contextlib.contextmanager

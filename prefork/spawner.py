@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable
 
 from . import signals
@@ -22,7 +23,7 @@ from .heartbeat import Heartbeat
 from .identity import Identity
 from .lifecycle import WorkerProcess
 from .listeners import SlotSockets
-from .process import open_descriptors
+from .process import open_descriptors, thread_count
 from .worker_process import WorkerInfo
 from .workers import make_worker
 from .workers.base import Loader, WorkerPlan, WorkerSpec
@@ -46,6 +47,7 @@ class Spawner:
         self.poll_interval = 0.5
         self.host_fds: frozenset[int] = frozenset()
         self._plans: dict[int, WorkerPlan] = {}
+        self._said_threads = False  # the host's threads at a fork are named once per master
 
     def note_host_descriptors(self, ours: set[int]) -> None:
         """At start: every descriptor open now that is not in ``ours`` (prefork's) is the
@@ -83,6 +85,8 @@ class Spawner:
             sibling_pages=[w.heartbeat for w in self._siblings() if w.heartbeat],
         )
         self._pre_fork(WorkerInfo(nr, generation.number))
+        if not self._said_threads:
+            self._say_if_threaded()
         try:
             pid = _fork(spec)
         except OSError as exc:  # EAGAIN/ENOMEM: the pool retries this slot later
@@ -99,6 +103,24 @@ class Spawner:
         worker.watches_code, worker.max_requests = spec.watch_code, max_requests
         log.debug("spawned worker %d (pid %d, generation %d)", nr, pid, generation.number)
         return worker
+
+    def _say_if_threaded(self) -> None:
+        """One line, the first time a worker is forked while other threads run here (a
+        host that runs ``serve_forever()`` beside threads of its own): prefork cannot
+        avoid that fork, and a worker holds a copy of those threads' memory, locks
+        included, without the threads. CPython 3.12+ also warns, a DeprecationWarning
+        at every fork that its default filters hide; prefork leaves the filters alone."""
+        others = thread_count() - 1
+        if others > 0:
+            self._said_threads = True
+            log.warning(
+                "master (pid %d) forks its workers beside %d other thread%s of this "
+                "process: a worker gets none of them, and a lock one held at the fork stays "
+                'held in the worker (docs/design.md, "Forking from a threaded host")',
+                os.getpid(),
+                others,
+                "" if others == 1 else "s",
+            )
 
     def plan(self, generation: Generation) -> WorkerPlan:
         """What every worker of ``generation`` is handed: its settings and sockets."""
@@ -119,6 +141,7 @@ class Spawner:
                 max_children=config.max_children,
                 access_log=config.access_log,
                 log_format=config.log_format,
+                forked_off_main_thread=threading.current_thread() is not threading.main_thread(),
             )
             self._plans[generation.number] = plan
         return plan

@@ -6,6 +6,7 @@ from __future__ import annotations
 import types
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import ROOT, echo_line, wait_until
 
@@ -57,6 +58,63 @@ def test_an_edited_module_is_served_after_a_reload(serve, listener, app_dir: Pat
 
     edit(live, LIVE_APP.format(version="three"))  # fixed: the next save reloads
     wait_until(lambda: echo_line(address) == b"three", timeout=20, message=lambda: server.log)
+
+
+# Deprecations are errors in the workers, except CPython's warning at a fork from a
+# multi-threaded process (3.12+), which is shown at every fork instead: as an error it
+# would be swallowed by os.fork() itself, and the test would see nothing.
+WARNINGS_VISIBLE = "error::DeprecationWarning,always:This process:DeprecationWarning"
+
+
+def test_a_fork_worker_watches_from_its_loop_and_forks_beside_no_thread(
+    serve, listener, app_dir: Path
+) -> None:
+    # A fork worker forks a child per connection: a watcher thread running then would
+    # be forked beside (CPython 3.12+ warns at each fork). It polls from its loop.
+    live = app_dir / "live.py"
+    live.write_text(LIVE_APP.format(version="one"))
+    env = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONWARNINGS": WARNINGS_VISIBLE}
+    server = serve("live:Version", "-w", "1", "-k", "fork", "--reload", listen_on=listener, env=env)
+    [worker] = server.wait_ready(1)
+    address = listener.getsockname()
+    for _ in range(3):
+        assert echo_line(address) == b"one"
+    assert "DeprecationWarning" not in server.log
+    assert psutil.Process(worker).num_threads() == 1
+
+    edit(live, LIVE_APP.format(version="two"))
+    wait_until(lambda: echo_line(address) == b"two", timeout=20, message=lambda: server.log)
+    wait_until(lambda: "reload complete: generation 2" in server.log, message=lambda: server.log)
+    for _ in range(3):
+        assert echo_line(address) == b"two"
+    log = server.log
+    assert "polling every second from the loop" in log
+    assert "DeprecationWarning" not in log and "Traceback" not in log, log
+
+
+def test_the_loop_watch_acts_once_the_files_are_quiet(tmp_path: Path) -> None:
+    app = tmp_path / "app.py"
+    app.write_text("x = 1\n")
+    now = [0.0]
+    seen: list[set[str]] = []
+    watch = reloader.LoopWatch({str(app)}, seen.append, clock=lambda: now[0])
+
+    def turn_at(t: float) -> None:
+        now[0] = t
+        watch()
+
+    app.write_text("x = 22\n")
+    turn_at(0.5)  # not yet: it looks once per POLL_INTERVAL
+    assert seen == []
+    turn_at(1.0)  # sees the change, waits DEBOUNCE for more
+    app.write_text("x = 333\n")
+    turn_at(1.3)  # the editor is still writing: another DEBOUNCE
+    turn_at(1.5)
+    assert seen == []
+    turn_at(1.6)  # quiet for DEBOUNCE: one batch
+    assert seen == [{str(app)}]
+    turn_at(5.0)
+    assert seen == [{str(app)}]  # nothing more without a change
 
 
 def test_module_files_are_the_apps_own(tmp_path: Path) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import os
+import re
 import signal
 import socket
 import socketserver
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import echo_line, is_running, living_descendants, wait_until
+from conftest import ROOT, echo_line, is_running, living_descendants, wait_until
 
 import prefork
 from prefork.workers.base import STACK_DUMP_SIGNAL
@@ -481,3 +484,109 @@ def test_a_signal_delivered_to_another_thread_wakes_the_master_at_once() -> None
         server.serve_forever(poll_interval=0.1)
         helper.join(10)
     assert timings["reload"] < 5 and timings["stop"] < 5
+
+
+THREADED_HOST = """
+import socketserver, sys, threading
+import prefork
+
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(line)
+
+# The host's own thread, alive through every fork, as a web app's or a test runner's are.
+idle = threading.Event()
+threading.Thread(target=idle.wait, daemon=True).start()
+server = prefork.PreForkTCPServer(("127.0.0.1", 0), Echo, workers=2)
+master = threading.Thread(target=server.serve_forever, args=(0.05,))
+master.start()
+print(server.server_address[1], flush=True)
+sys.stdin.readline()  # until the test has made the master fork again
+server.shutdown()
+master.join(10)
+server.server_close()
+"""
+
+
+@pytest.mark.parametrize("warnings", ["error::DeprecationWarning", "default::DeprecationWarning"])
+def test_a_threaded_host_is_told_once_per_master_that_workers_fork_beside_threads(
+    tmp_path: Path, warnings: str
+) -> None:
+    # A host that set up no logging and forks three workers (two, then a replacement):
+    # one line on its stderr, not one per fork, and not hidden. CPython's own warning
+    # (3.12+) is the host's filters' to show: at most once per master under "default".
+    script = tmp_path / "host.py"
+    script.write_text(THREADED_HOST)
+    env = {**os.environ, "PYTHONWARNINGS": warnings, "PYTHONPATH": str(ROOT)}
+    host = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert host.stdout is not None and host.stdin is not None
+        port = int(host.stdout.readline())
+        first = wait_until(lambda: len(found := workers_of(host.pid)) == 2 and found)
+        os.kill(first[0], signal.SIGKILL)  # the master forks a third worker
+        wait_until(lambda: first[0] not in (now := workers_of(host.pid)) and len(now) == 2)
+        assert echo_line(("127.0.0.1", port)) == b"ping"
+        _, stderr = host.communicate("stop\n", timeout=20)
+    finally:
+        if host.poll() is None:
+            for pid in workers_of(host.pid):
+                os.kill(pid, signal.SIGKILL)
+            host.kill()
+            host.wait(5)
+    assert host.returncode == 0, stderr
+    said = [line for line in stderr.splitlines() if "other thread" in line]
+    assert len(said) == 1, stderr
+    assert said[0].endswith(  # after the host's logging format, if it has one
+        f"master (pid {host.pid}) forks its workers beside 2 other threads of this "
+        "process: a worker gets none of them, and a lock one held at the fork stays held "
+        'in the worker (docs/design.md, "Forking from a threaded host")'
+    ), stderr
+    assert "Traceback" not in stderr
+    cpython_said = stderr.count("is multi-threaded, use of fork()")
+    assert cpython_said == (
+        1 if warnings.startswith("default") and sys.version_info >= (3, 12) else 0
+    ), stderr
+
+
+class PidWithAThread(prefork.PreForkTCPServer):
+    """An app that starts a thread of its own in each worker, as many do."""
+
+    def post_fork(self, worker: Any) -> None:
+        threading.Thread(target=threading.Event().wait, daemon=True).start()
+
+
+def threads_taking(pid: int, signum: int) -> list[int]:
+    """The threads of ``pid``, other than its main one, that do not block ``signum``."""
+    found = []
+    for tid in map(int, os.listdir(f"/proc/{pid}/task")):
+        with contextlib.suppress(OSError):
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            match = re.search(r"SigBlk:\s*([0-9a-f]+)", status)
+            blocked = int(match.group(1), 16) if match else 0
+            if tid != pid and not blocked & (1 << (signum - 1)):
+                found.append(tid)
+    return found
+
+
+def test_a_worker_forked_from_a_thread_acts_on_a_signal_another_of_its_threads_gets() -> None:
+    # The kernel hands a process's signal to any thread that does not block it: here
+    # the app's own. The worker was forked by a master running outside the main
+    # thread, and CPython 3.13 then flags a thread state the child does not run: the
+    # handler would wait for the next interrupted system call (an idle worker has
+    # none) and the TERM, say, of a stop would never be acted on.
+    tgkill = ctypes.CDLL(None, use_errno=True).tgkill
+    with serving(PidWithAThread(("127.0.0.1", 0), Pid, workers=1)):
+        [worker] = workers_of()
+        other = wait_until(
+            lambda: threads_taking(worker, signal.SIGTERM), message="the app's thread"
+        )[0]
+        assert tgkill(worker, other, signal.SIGTERM) == 0
+        wait_until(lambda: not is_running(worker), timeout=3, message="the worker to stop")

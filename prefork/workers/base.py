@@ -82,6 +82,7 @@ class WorkerPlan(NamedTuple):
     max_children: int = 40  # fork workers: connection children at once
     access_log: str | None = None  # path, "-" for stderr; None: no access log
     log_format: str = "text"
+    forked_off_main_thread: bool = False  # a master outside the main thread (signals.py)
 
 
 @dataclass
@@ -127,6 +128,10 @@ class Worker:
         # server.prefork_stopping, shared by this worker's servers (stopping.py)
         self.stopping = Stopping(
             getattr(self.servers[0], "prefork_stopping", None) or threading.Event()
+        )
+        self.watch_turn: Callable[[], None] | None = None  # --reload in a forking worker
+        self._handlers_lag = (  # CPython would run them late (signals.py)
+            spec.plan.forked_off_main_thread and signals.HANDLERS_LAG_WHEN_FORKED_OFF_MAIN
         )
 
     # -- entry point, in the child right after fork ---------------------------------------
@@ -189,7 +194,12 @@ class Worker:
         if spec.watch_code:
             from .. import reloader  # only --reload pays for its imports
 
-            reloader.start_watching(reloader.module_files(), self._code_changed)
+            files = reloader.module_files()
+            if isinstance(self.servers[0], socketserver.ForkingMixIn):
+                # It forks for every connection: no thread of ours may run (reloader.py).
+                self.watch_turn = reloader.LoopWatch(files, self._code_changed)
+            else:
+                reloader.start_watching(files, self._code_changed)
         if plan.access_log:
             self.access = AccessLog(plan.access_log, plan.log_format, spec.nr)
             for server in self.servers:  # an instance attribute: no cost when off
@@ -230,7 +240,7 @@ class Worker:
             log.exception("the worker_abort hook failed")
 
     def _code_changed(self, paths: set[str]) -> None:
-        """The reloader's thread: one line, then the master reloads as on HUP."""
+        """The reloader's thread, or the loop: one line, then the master reloads as on HUP."""
         names = ", ".join(sorted(os.path.relpath(p) for p in paths))
         log.info("--reload: %s changed; asking the master to reload", names)
         with contextlib.suppress(OSError):
@@ -245,6 +255,7 @@ class Worker:
     # -- the loop ------------------------------------------------------------------------
     def serve(self) -> int:
         wait, beat, access = self.poller.wait, self.spec.heartbeat.beat, self.access
+        watch = self.watch_turn
         while self.alive or not self.is_idle():
             events = wait(self._select_timeout())
             for ready in events:
@@ -264,6 +275,8 @@ class Worker:
             if self._timed:
                 self._handle_timeouts()
             self.tick()
+            if watch is not None:
+                watch()
             if self.draining:
                 self._drain_backlog()
             elif not self._accepting and self.alive and self.has_capacity():
@@ -365,7 +378,8 @@ class Worker:
 
     # -- control events --------------------------------------------------------------------
     def _on_wakeup(self) -> None:
-        self.wakeup.drain()
+        if self.wakeup.drain() and self._handlers_lag:
+            signals.run_handlers_now()
         while self.wakeup.pending:
             signum = self.wakeup.pending.popleft()
             if signum == signal.SIGTERM and self.spec.heartbeat.drain_requested():
