@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CliServer, run_cli, wait_until
+from conftest import run_cli, wait_until
 from test_cli import assert_one_line_error
 from test_mixin import serving
+from test_reload import reload_and_wait
 
 import prefork
 
@@ -86,15 +87,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def reload_and_wait(server: CliServer, signum: int, generation: int) -> None:
-    server.signal(signum)
-    wait_until(
-        lambda: f"reload complete: generation {generation} serving" in server.log,
-        timeout=20,
-        message=lambda: f"generation {generation}; log:\n{server.log}",
-    )
 
 
 class Calls:
