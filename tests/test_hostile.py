@@ -147,6 +147,51 @@ def test_a_client_that_keeps_up_is_served_however_long_it_takes(serve, listener,
         assert conn.makefile("rb").readline() == b"6001\n"
 
 
+def test_a_client_that_reads_its_answer_slowly_is_dropped(serve, listener, app_dir: Path):
+    """Slow read: a client that takes a 16 MB answer (more than the kernel's send buffers
+    hold) 64 bytes every 0.2 s, under MIN_RATE, keeps the one sync worker waiting about
+    the 1 s client timeout, not for the days it would take: a client behind it gets
+    its own answer in seconds, while the slow one is still reading."""
+    answer = 16 << 20
+    (app_dir / "big.py").write_text(
+        "import socketserver\n"
+        "class Big(socketserver.StreamRequestHandler):\n"
+        "    def handle(self):\n"
+        "        self.rfile.readline()\n"
+        f"        self.wfile.write(b'z' * {answer})\n"
+    )
+    server = serve("big:Big", "-w", "1", "--client-timeout", "1", listen_on=listener)
+    server.wait_ready(1)
+    address = listener.getsockname()
+    done = threading.Event()
+
+    def read_slowly(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while not done.wait(0.2):  # the client's pace; ends with the test
+                if not conn.recv(64):
+                    return
+
+    with socket.socket() as slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.settimeout(15)
+        slow.connect(address)
+        slow.sendall(b"go\n")
+        reader = threading.Thread(target=read_slowly, args=(slow,))
+        reader.start()
+        try:
+            time.sleep(0.5)  # the slow client's pace: its request is in first
+            started = time.monotonic()
+            with socket.create_connection(address, timeout=15) as conn:
+                conn.sendall(b"go\n")
+                assert len(conn.makefile("rb").read()) == answer
+            assert time.monotonic() - started < 10
+            assert reader.is_alive()  # still reading: the worker let it go
+        finally:
+            done.set()
+            reader.join(timeout=5)
+    assert "Traceback" not in server.log
+
+
 def test_idle_connections_do_not_fill_a_thread_pool(serve, listener):
     """40 silent connections used to take all 2 x 16 threads for as long as they stayed."""
     server = serve("apps:Echo", "-w", "2", "-k", "thread", listen_on=listener)
