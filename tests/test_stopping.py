@@ -4,12 +4,15 @@ the request in flight)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import select
 import signal
 import socket
 import threading
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import SERVER_FIRST, wait_until
 
@@ -18,6 +21,13 @@ import http.server, socket, socketserver, time
 
 class KeepAlive(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive
+
+    def do_POST(self):  # the body back
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def do_GET(self):
         if self.path == "/slow":
@@ -109,6 +119,48 @@ def test_a_request_in_flight_at_a_term_is_answered_with_connection_close(
     assert conn.sock is None or conn.sock.recv(1) == b""
     conn.close()
     assert_stops_in_time(server)
+
+
+def test_a_request_accepted_while_draining_gets_its_body(
+    serve, listener: socket.socket, app_dir: Path
+) -> None:
+    """A POST whose headers are queued when TERM comes and whose body follows later:
+    the draining worker waits for the body. (It shut reading at once, so the body
+    read found the end of the stream, and the handler answered with an empty body;
+    XML-RPC answered "no element found" during HUPs.)"""
+    server = start(serve, listener, app_dir, "sync", "stopapp:KeepAlive")
+    address = listener.getsockname()[:2]
+    busy = http.client.HTTPConnection(*address, timeout=10)
+    slow = threading.Thread(target=lambda: get(busy, "/slow"))  # holds the one worker 1 s
+    slow.start()
+    wait_until(lambda: (app_dir / "slow.started").exists(), message="the slow request")
+    with socket.create_connection(address, timeout=10) as conn:
+        body = b"the body, sent after the headers"
+        conn.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+        server.signal(signal.SIGTERM)  # the worker drains: it takes this connection next
+        slow.join(15)
+        mine = conn.getsockname()[1]
+        wait_until(
+            lambda: worker_holds(server, mine) or select.select([conn], [], [], 0)[0],
+            message="the worker to take it",
+        )  # (or to have answered already: as it did before the body came, cutting it)
+        conn.sendall(body)
+        answer = conn.makefile("rb").read()
+    head, _, received = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), answer
+    assert b"Connection: close" in head and received == body
+    busy.close()
+    assert_stops_in_time(server)
+
+
+def worker_holds(server, client_port: int) -> bool:
+    """The worker has accepted the connection from ``client_port`` (it reads its request)."""
+    for pid in server.worker_pids():
+        with contextlib.suppress(psutil.Error):
+            for held in psutil.Process(pid).net_connections("tcp"):
+                if held.raddr and held.raddr[1] == client_port:
+                    return True
+    return False
 
 
 def test_a_handler_reads_prefork_stopping(serve, listener: socket.socket, app_dir: Path):

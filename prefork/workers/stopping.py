@@ -12,10 +12,14 @@ through a subclass of the app's own that
 - answers the request it is serving with ``Connection: close`` once the event is set
   (http.server then closes the connection after the response), and
 - wakes a keep-alive connection that waits for its next request: reading is shut down
-  (``shutdown(SHUT_RD)``), so the wait ends at once, as if the client had closed. Bytes
-  already received are still read: a request that had arrived is served, with
-  ``Connection: close``. A request sent after that moment finds the connection closed,
-  as with any server that closes idle keep-alive connections (a client retries it).
+  (``shutdown(SHUT_RD)``), so the wait ends at once, as if the client had closed. Only
+  a connection with nothing received is shut: one whose request has begun to arrive
+  (accepted while the worker drains, or whose next request is in) is served, with
+  ``Connection: close``, waiting for the rest of it, a POST's body say, however it is
+  split. (Shut, a connection would read what had arrived and then an end of stream
+  where the rest was still on its way: the request cut.) A request sent after that
+  moment finds the connection closed, as with any server that closes idle keep-alive
+  connections (a client retries it).
 
 The cost on the request path is a set insert and a set removal per request, for HTTP
 handlers only.
@@ -43,8 +47,7 @@ class Stopping:
         a handler that waits for its client)."""
         self.event.set()
         for sock in list(self.waiting):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RD)
+            shut_if_idle(sock)
 
     def serving(self, handler_class: Any) -> Any:
         """The class to serve ``handler_class`` with: itself, or for an http.server-family
@@ -59,6 +62,26 @@ class Stopping:
         return _stop_aware(handler_class, self)
 
 
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+
+
+def shut_if_idle(sock: socket.socket) -> None:
+    """Shut down reading on ``sock`` unless bytes of a request are waiting in it. The
+    socket module's own recv, not a connection class's: this looks, it waits for no one."""
+    try:
+        if _recv(sock, 1, _PEEK):
+            return  # a request has begun to arrive: it is served
+    except BlockingIOError:
+        pass  # nothing received: the client waits for us, shut it
+    except OSError:
+        return  # reset, or not a stream socket: nothing to wake
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RD)
+
+
+_recv = socket.socket.recv  # _socket's: an override (connection.TimedConnection) is not used
+
+
 def _stop_aware(handler_class: type, stopping: Stopping) -> Any:
     event, waiting = stopping.event, stopping.waiting
 
@@ -71,8 +94,7 @@ def _stop_aware(handler_class: type, stopping: Stopping) -> Any:
             waiting.add(connection)  # until the request line is in (parse_request)
             try:
                 if event.is_set():  # set before this connection was waiting: wake it too
-                    with contextlib.suppress(OSError):
-                        connection.shutdown(socket.SHUT_RD)
+                    shut_if_idle(connection)
                 super().handle_one_request()
             finally:
                 waiting.discard(connection)
