@@ -63,6 +63,7 @@ class Stopping:
 
 
 _PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+_recv = socket.socket.recv  # _socket's: an override (connection.TimedConnection) is not used
 
 
 def shut_if_idle(sock: socket.socket) -> None:
@@ -77,9 +78,6 @@ def shut_if_idle(sock: socket.socket) -> None:
         return  # reset, or not a stream socket: nothing to wake
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RD)
-
-
-_recv = socket.socket.recv  # _socket's: an override (connection.TimedConnection) is not used
 
 
 def _stop_aware(handler_class: type, stopping: Stopping) -> Any:
