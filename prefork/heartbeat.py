@@ -38,8 +38,10 @@ PAGE_SIZE = mmap.PAGESIZE
 _BEAT = struct.Struct("d")  # at 0: monotonic time of the last loop turn
 _REQUEST = struct.Struct("dQH")  # at 8: request start (0 = idle), requests served, client length
 _REQUEST_OFFSET = 8
+_BEAT_AND_REQUEST = struct.Struct("ddQH")  # at 0: both, in one write (offsets as above)
 _CLIENT_OFFSET = _REQUEST_OFFSET + _REQUEST.size
 CLIENT_MAX = 200
+_REQUEST_AND_CLIENT = struct.Struct(f"dQH{CLIENT_MAX}s")  # at 8: both, in one write
 _ACTIVE = struct.Struct("I")  # requests in progress in threads or connection children
 _ACTIVE_OFFSET = 232
 # Written by the master.
@@ -111,12 +113,15 @@ class Heartbeat:
         _BEAT.pack_into(self._map, 0, time.monotonic())
 
     def request_started(self, client_address: object, served: int) -> None:
-        client = describe_client(client_address).encode("utf-8", "replace")[:CLIENT_MAX]
-        self._map[_CLIENT_OFFSET : _CLIENT_OFFSET + len(client)] = client
-        _REQUEST.pack_into(self._map, _REQUEST_OFFSET, time.monotonic(), served, len(client))
+        client = describe_client(client_address).encode("utf-8", "replace")
+        length = len(client) if len(client) < CLIENT_MAX else CLIENT_MAX
+        _REQUEST_AND_CLIENT.pack_into(  # "s" cuts the client to CLIENT_MAX, or pads it
+            self._map, _REQUEST_OFFSET, time.monotonic(), served, length, client
+        )
 
     def request_finished(self, served: int) -> None:
-        _REQUEST.pack_into(self._map, _REQUEST_OFFSET, 0.0, served, 0)
+        """The request is done; and, as a beat would, that the worker is alive now."""
+        _BEAT_AND_REQUEST.pack_into(self._map, 0, time.monotonic(), 0.0, served, 0)
 
     def set_active(self, count: int) -> None:
         """Thread and fork workers: how many requests their threads or children serve."""

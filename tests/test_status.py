@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,24 @@ def test_page_layout_fits_one_page() -> None:
     assert heartbeat._IDENTITY_OFFSET + heartbeat._IDENTITY.size <= heartbeat.PAGE_SIZE
     assert heartbeat._CLIENT_OFFSET + heartbeat.CLIENT_MAX <= heartbeat._ACTIVE_OFFSET
     assert struct.calcsize("I") + heartbeat._ACTIVE_OFFSET <= heartbeat._DRAIN_OFFSET
+    # The combined writes cover the same fields as the ones the master reads back.
+    assert heartbeat._BEAT_AND_REQUEST.size == heartbeat._REQUEST_OFFSET + heartbeat._REQUEST.size
+    assert heartbeat._REQUEST_AND_CLIENT.size == heartbeat._REQUEST.size + heartbeat.CLIENT_MAX
+
+
+def test_a_finished_request_beats_and_a_long_client_is_cut() -> None:
+    page = heartbeat.Heartbeat()
+    try:
+        os.pwrite(page.fileno(), struct.pack("d", 1.0), 0)  # a beat from long ago
+        page.request_started(("unix:" + "x" * 300, 0), 3)
+        read = heartbeat.WorkerPage.parse(os.pread(page.fileno(), heartbeat.PAGE_SIZE, 0))
+        assert read.client == ("unix:" + "x" * 300)[: heartbeat.CLIENT_MAX]
+        page.request_finished(3)
+        assert page.last() is not None and time.monotonic() - page.last() < 5
+        read = heartbeat.WorkerPage.parse(os.pread(page.fileno(), heartbeat.PAGE_SIZE, 0))
+        assert (read.requests, read.client) == (3, None)
+    finally:
+        page.close()
 
 
 LIBRARY_SERVER = """
