@@ -194,11 +194,35 @@ def set_slot(slot: str) -> None:
     _slot.slot = slot
 
 
+_app_files: list[logging.FileHandler] = []  # --log-config's, reopened with ours
+
+
+def reopen_with_ours(handlers: list[logging.FileHandler]) -> None:
+    """USR1 reopens these file handlers too (--log-config's): closed, so that each
+    opens its file again at its path with the next line it writes, as gunicorn's USR1
+    does for the handlers of its loggers. A handler opened with mode "w" is left alone:
+    opened again, it would empty a file that was not moved."""
+    _app_files.extend(h for h in handlers if h.mode.startswith("a"))
+
+
+def _reopen_app_files() -> None:
+    for handler in _app_files:
+        handler.acquire()
+        try:
+            if handler.stream is not None:
+                with contextlib.suppress(Exception):  # a full disk must not stop the rest
+                    handler.stream.close()  # flushes first
+                handler.stream = None
+        finally:
+            handler.release()
+
+
 def reopen(eagerly: bool = False) -> bool:
     """Reopen the log file (USR1). False when logging to a stream, where there is nothing
     to reopen, or when the file could not be opened again (said on stderr). The file
     opens again at its path on the next line written, or at once (``eagerly``: the
     master, which makes the file for the workers)."""
+    _reopen_app_files()
     reopened = False
     for handler in logging.getLogger(_LOGGER).handlers:
         if isinstance(handler, LogFile):

@@ -7,6 +7,8 @@ own logging, before any worker is forked, so every worker inherits it. ``version
 defaults to 1 and ``disable_existing_loggers`` to false (as gunicorn's
 ``logconfig_dict`` does): dictConfig's own default would silence prefork's loggers,
 which exist by then. A ``prefork`` logger in the file replaces prefork's own set-up.
+USR1 reopens the file handlers it makes (``logging.FileHandler`` and its subclasses
+opened for appending), with prefork's own log file.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging.config
 import os
 from typing import Any
 
+from . import log as prefork_log
 from .config_file import parse_toml_file
 from .errors import ConfigError
 from .paths import changeable_by_others, read_small_file
@@ -34,11 +37,25 @@ def apply(path: str) -> None:
     config = check(path)
     config.setdefault("version", 1)
     config.setdefault("disable_existing_loggers", False)
+    before = set(_file_handlers())
     try:
         logging.config.dictConfig(config)
     except (ValueError, TypeError, AttributeError, ImportError) as exc:
         cause = exc.__cause__ or exc  # dictConfig wraps the handler's own error
         raise ConfigError(f"--log-config {path}: {' '.join(str(cause).split())}") from None
+    prefork_log.reopen_with_ours([h for h in _file_handlers() if h not in before])
+
+
+def _file_handlers() -> list[logging.FileHandler]:
+    """The file handlers of every logger there is (the root's included)."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    return [
+        handler
+        for logger in loggers
+        if isinstance(logger, logging.Logger)
+        for handler in logger.handlers
+        if isinstance(handler, logging.FileHandler)
+    ]
 
 
 def _read(path: str) -> dict[str, Any]:

@@ -176,7 +176,7 @@ def test_log_config_configures_the_apps_loggers(serve, listener, app_dir: Path) 
         'handlers = ["file"]\n'
         "propagate = false\n"
     )
-    serve(
+    server = serve(
         "noisy:Noisy", "-w", "1", "--log-file", str(log_file), "--log-config", "logging.toml",
         listen_on=listener,
     )  # fmt: skip
@@ -184,6 +184,15 @@ def test_log_config_configures_the_apps_loggers(serve, listener, app_dir: Path) 
     assert echo_line(listener.getsockname(), b"three") == b"ok"
     wait_until(lambda: app_log.exists() and "APP WARNING app logged three" in app_log.read_text())
     assert "booted" in log_file.read_text()  # prefork's own loggers were left alone
+    # logrotate moves both, then signals: the app's file handlers reopen too (they kept
+    # writing to the moved file).
+    app_log.rename(app_dir / "app-only.log.1")
+    log_file.rename(app_dir / "prefork.log.1")
+    server.signal(signal.SIGUSR1)
+    wait_until(lambda: log_file.exists() and "reopened the log file" in log_file.read_text())
+    assert echo_line(listener.getsockname(), b"four") == b"ok"
+    wait_until(lambda: app_log.exists() and "app logged four" in app_log.read_text())
+    assert "four" not in (app_dir / "app-only.log.1").read_text()
 
 
 @pytest.mark.parametrize(
