@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import http.client
+import signal
 import socket
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, echo_line, run_cli
+from conftest import ROOT, echo_line, run_cli, wait_until
 from test_cli import assert_one_line_error
 
 PLANTED = """
@@ -63,3 +64,42 @@ def test_pythonpath_says_where_the_app_lives(serve, listener: socket.socket, app
         server.wait_ready(1)
         assert echo_line(listener.getsockname(), b"found") == b"found"
         server.stop()
+
+
+VERSIONED = """
+import socketserver
+
+
+class Versioned(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.rfile.readline()
+        self.wfile.write(b"%s\\n")
+"""
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_an_app_on_the_pythonpath_is_reloaded_by_hup_and_usr2(
+    serve, listener: socket.socket, app_dir: Path, preload: bool
+) -> None:
+    """--pythonpath is where the app is imported from in every generation: the workers'
+    (HUP) and, with --preload, a new master image's (USR2)."""
+    lib = app_dir / "lib"
+    lib.mkdir()
+    (lib / "versioned.py").write_text(VERSIONED % "v1")
+    options = ["--preload"] if preload else []
+    server = serve("versioned:Versioned", "-w", "1", "--pythonpath", "lib", *options,
+                   listen_on=listener)  # fmt: skip
+    server.wait_ready(1)
+    address = listener.getsockname()
+    assert echo_line(address) == b"v1"
+    for generation, (signum, version) in enumerate(
+        [(signal.SIGHUP, "v2"), (signal.SIGUSR2, "v3")], start=2
+    ):
+        (lib / "versioned.py").write_text(VERSIONED % version)
+        server.signal(signum)
+        wait_until(
+            lambda g=generation: f"reload complete: generation {g} serving" in server.log,
+            timeout=20, message=lambda: server.log,
+        )  # fmt: skip
+        wait_until(lambda v=version: echo_line(address) == v.encode(), timeout=10)
+    assert server.proc.poll() is None
