@@ -16,7 +16,14 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
 from .identity import parse_mode
-from .validate import check_least_if_on, check_range, check_text, check_type, number
+from .validate import (
+    check_addresses,
+    check_least_if_on,
+    check_range,
+    check_text,
+    check_type,
+    number,
+)
 
 WorkerClass = Literal["sync", "thread", "fork"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -165,6 +172,44 @@ class Config:
         "just above the minimum rate, or sends a request just inside every timeout, is "
         "disconnected then. 0 turns it off; raise it (or 0) for long uploads or long-lived "
         "connections with thread workers. Keep it below --timeout with sync workers.",
+    )
+    keep_alive: float = setting(
+        2.0,
+        minimum=0,
+        maximum=MAX_SECONDS,
+        help="WSGI apps: seconds a kept-alive HTTP connection may wait for its next request "
+        "(thread and fork workers; a sync worker serves one request per connection). 0 "
+        "closes each connection after its response.",
+    )
+    limit_request_line: int = setting(
+        4094,
+        minimum=1,
+        maximum=65536,
+        help="WSGI apps: the longest request target, in bytes; a longer one is answered 414.",
+    )
+    limit_request_fields: int = setting(
+        100,
+        minimum=1,
+        maximum=32768,
+        help="WSGI apps: the most header fields a request may have; more are answered 431.",
+    )
+    limit_request_field_size: int = setting(
+        8190,
+        minimum=1,
+        maximum=65536,
+        help="WSGI apps: the largest header field (name, colon, value), in bytes; a larger "
+        "one is answered 431.",
+    )
+    forwarded_allow_ips: str = setting(
+        "127.0.0.1,::1",
+        help="WSGI apps: comma-separated addresses and networks (CIDR) of the proxies whose "
+        "X-Forwarded-For, X-Forwarded-Proto and Forwarded headers are believed for "
+        "REMOTE_ADDR and wsgi.url_scheme; * believes every peer.",
+    )
+    root_path: str = setting(
+        "",
+        help="WSGI apps: the SCRIPT_NAME the app is mounted at (a path prefix such as "
+        "/app, taken off PATH_INFO when a request's path starts with it).",
     )
     defer_accept: int = setting(
         30,
@@ -315,6 +360,7 @@ class Config:
         for name in ("umask", "socket_mode"):
             if getattr(self, name) is not None:
                 parse_mode(name, getattr(self, name))
+        check_addresses("forwarded_allow_ips", self.forwarded_allow_ips)
         for f in fields(self):
             if f.name in ("worker_timeout", "boot_timeout"):
                 check_least_if_on(f.name, getattr(self, f.name), MIN_TIMEOUT)

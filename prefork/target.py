@@ -1,4 +1,5 @@
-"""Load ``MODULE:OBJECT``, the request handler class that ``prefork run`` serves.
+"""Load ``MODULE:OBJECT``, the request handler class that ``prefork run`` serves (a
+WSGI app is served by a handler class made for it: prefork/wsgi/).
 
 The master never imports the app itself: it checks the import in a throwaway child
 (``Target.check``) and each worker imports it after the fork (``Target.load``). That keeps
@@ -90,16 +91,21 @@ class Target(NamedTuple):
         return obj
 
     def load_any(self) -> type:
-        """Import the module and return what it names: a request handler class, or a
-        server class (a socketserver.BaseServer subclass), which the master builds."""
+        """Import the module and return what it names: a request handler class, a
+        server class (a socketserver.BaseServer subclass), which the master builds, or
+        for a WSGI app (a callable that is not a class) the handler class serving it."""
         obj = self.resolve()
-        if not (isinstance(obj, type) and (is_server_class(obj) or is_handler_class(obj))):
-            raise AppImportError(
-                f"{self} is neither a request handler class (a socketserver."
-                f"BaseRequestHandler subclass) nor a server class (a socketserver.BaseServer "
-                f"subclass), it is {type(obj).__name__!r}"
-            )
-        return obj
+        if isinstance(obj, type) and (is_server_class(obj) or is_handler_class(obj)):
+            return obj
+        if callable(obj) and not isinstance(obj, type):
+            from .wsgi import handler_for  # only WSGI apps pay for the HTTP parser
+
+            return handler_for(obj)
+        raise AppImportError(
+            f"{self} is neither a request handler class (a socketserver."
+            f"BaseRequestHandler subclass), a server class (a socketserver.BaseServer "
+            f"subclass) nor a WSGI app (a callable), it is {type(obj).__name__!r}"
+        )
 
     def resolve(self) -> Any:
         """Import the module and return the object it names, whatever it is."""

@@ -83,3 +83,16 @@ def describe_type(hint: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         hint, "None"
     )
+
+
+def check_addresses(name: str, value: str) -> None:
+    """A comma-separated list of IP addresses and networks (CIDR), or ``*``."""
+    import ipaddress  # only where such a setting is checked
+
+    for part in (p.strip() for p in value.split(",")):
+        if not part or part == "*":
+            continue
+        try:
+            ipaddress.ip_network(part, strict=False)
+        except ValueError:
+            raise ConfigError(f"{name}: {part!r} is not an IP address or network") from None

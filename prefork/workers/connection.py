@@ -33,6 +33,7 @@ client has been silent for the whole deferral, and it ends there (no waiting at 
 
 from __future__ import annotations
 
+import os
 import socket
 import socketserver
 import time
@@ -152,8 +153,32 @@ class TimedConnection(socket.socket):
                 sent += self.send(octets[sent : sent + CHUNK], flags)
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
-        """Through ``send``, accounted: os.sendfile would wait on a slow reader unbounded."""
-        return self._sendfile_use_send(file, offset, count)  # type: ignore[attr-defined,no-any-return]
+        """os.sendfile, a CHUNK at a time, each piece accounted as ``send`` accounts: the
+        kernel's send timeout bounds each, the allowance all of them. A file os.sendfile
+        cannot send (no descriptor) goes through ``send``. Leaves the file's position
+        after what was sent, as ``socket.sendfile`` does."""
+        try:
+            fd = file.fileno()
+        except (AttributeError, OSError, ValueError):
+            return self._sendfile_use_send(file, offset, count)  # type: ignore[attr-defined,no-any-return]
+        self._prefork_fresh, total, out = False, 0, self.fileno()
+        while count is None or total < count:
+            piece = CHUNK if count is None else min(CHUNK, count - total)
+            started = _now()
+            try:
+                sent = os.sendfile(out, fd, offset + total, piece)
+            except BlockingIOError as exc:
+                raise self._timed_out(exc, 0) from None
+            if not sent:
+                break  # the end of the file
+            total += sent
+            waited = _now() - started
+            if waited < KEEPING_UP:
+                self._prefork_allowance = self.LIMIT
+            else:
+                self._account(waited, sent)
+        file.seek(offset + total)
+        return total
 
     def _account(self, waited: float, moved: int) -> None:
         """Take ``waited`` from the allowance and the budget, give back ``moved`` bytes'

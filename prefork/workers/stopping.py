@@ -53,6 +53,8 @@ class Stopping:
         """The class to serve ``handler_class`` with: itself, or for an http.server-family
         handler, a subclass that ends keep-alive when the worker stops. (http.server is
         not imported here: a handler of its family has imported it already.)"""
+        if getattr(handler_class, "stops_with_worker", False):  # prefork's WSGI handler
+            return type(handler_class.__name__, (handler_class,), {"stopping": self})
         module = sys.modules.get("http.server")
         base = getattr(module, "BaseHTTPRequestHandler", None)
         if base is None or not (
