@@ -103,6 +103,12 @@ class Load:
                 sock.settimeout(self.timeout)
                 sock.sendto(payload, self.address)
                 return sock.recv(4096).strip()
+        if self.kind == "http":  # a GET per connection: the answer is the body of a 200
+            with socket.create_connection(self.address, timeout=self.timeout) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                reply = sock.makefile("rb").read()
+            head, _, body = reply.partition(b"\r\n\r\n")
+            return body.strip() if head.startswith(b"HTTP/1.1 200 ") else b""
         family = socket.AF_UNIX if self.kind == "unix" else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.settimeout(self.timeout)

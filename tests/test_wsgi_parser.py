@@ -48,7 +48,10 @@ SERVED_ON_PURPOSE = {
 }
 
 
-def _read(raw: bytes, limits: Limits = Limits(), chunk: int = 0) -> list[Request | BadRequest]:
+DEFAULTS = Limits()
+
+
+def _read(raw: bytes, limits: Limits = DEFAULTS, chunk: int = 0) -> list[Request | BadRequest]:
     reader = RequestReader(limits)
     pieces = [raw[i : i + chunk] for i in range(0, len(raw), chunk)] if chunk else [raw]
     for piece in pieces:
@@ -113,7 +116,7 @@ def test_gunicorns_valid_requests(case: Path, chunk: int) -> None:
     for request, want in zip(requests, expected, strict=True):
         assert request.method == want["method"]
         assert request.target == _bytes(want["uri"]["raw"])
-        assert request.version == "%d.%d" % tuple(want["version"])
+        assert request.version == "{}.{}".format(*want["version"])
         names = [(n.lower(), v) for n, v in request.headers]
         wanted = [(_bytes(n).lower(), _bytes(v)) for n, v in want["headers"]]
         assert names == [(n, v) for n, v in wanted if b"_" not in n]
@@ -150,8 +153,12 @@ REFUSED = [
      b"Content-Length: 4\r\n\r\nabcd", 400),
     ("same content-length twice", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
      b"Content-Length: 3\r\n\r\nabc", 400),
-    ("content-length not a number", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3a\r\n\r\n", 400),
-    ("content-length with a sign", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\nabc", 400),
+    ("content-length not a number",
+     b"POST / HTTP/1.1\r\n"
+     b"Host: a\r\nContent-Length: 3a\r\n\r\n", 400),
+    ("content-length with a sign",
+     b"POST / HTTP/1.1\r\n"
+     b"Host: a\r\nContent-Length: +3\r\n\r\nabc", 400),
     ("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n", 400),
     ("bare cr", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\rc\r\n\r\n", 400),
     ("bare lf in the request line", b"GET / HTTP/1.1\nHost: a\r\n\r\n", 400),
@@ -159,10 +166,14 @@ REFUSED = [
     ("space before the colon", b"GET / HTTP/1.1\r\nHost: a\r\nX-A : b\r\n\r\n", 400),
     ("nul in a value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\x00c\r\n\r\n", 400),
     ("gzip coding", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
-    ("chunked twice", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 400),
+    ("chunked twice",
+     b"POST / HTTP/1.1\r\n"
+     b"Host: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 400),
     ("unknown coding", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\n", 501),
     ("te in http/1.0", b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
-    ("bad chunk size", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+    ("bad chunk size",
+     b"POST / HTTP/1.1\r\n"
+     b"Host: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
     ("no host", b"GET / HTTP/1.1\r\n\r\n", 400),
     ("two hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
     ("two content-types", b"GET / HTTP/1.1\r\nHost: a\r\nContent-Type: a/b\r\n"

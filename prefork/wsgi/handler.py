@@ -90,7 +90,7 @@ class WSGIRequestHandler(socketserver.BaseRequestHandler):
         self.reader = RequestReader(shared.limits)
         self.send = sock.sendall
         stopping = self.stopping
-        event = stopping.event if stopping is not None else None
+        self.stop_event = event = stopping.event if stopping is not None else None
         first = True
         while True:
             request = self._next_request(first)
@@ -170,7 +170,7 @@ class WSGIRequestHandler(socketserver.BaseRequestHandler):
     # -- serving --------------------------------------------------------------------------
     def _serve(self, request: Request, keep_alive: bool) -> bool:
         """Run the app for ``request``; whether the connection may be kept."""
-        response = Response(self.send, request.method, request.version, keep_alive)
+        response = Response(self.send, request, keep_alive, self.stop_event)
         body = Body(request, self._fill, self.send)
         environ = self.shared.environ.make(request, self.client_address, body)
         result: Any = None

@@ -20,6 +20,8 @@ from email.utils import formatdate
 from stat import S_ISREG
 from typing import Any
 
+from .parser import Request
+
 _NO_BODY_STATUS = frozenset({204, 304})
 _FORBIDDEN = frozenset("\r\n\0")
 _date_cache: list[Any] = [0, b""]
@@ -41,11 +43,13 @@ class Response:
     """One response: what start_response was given, and how much of it has been sent."""
 
     def __init__(
-        self, send: Callable[[bytes], None], method: str, version: str, keep_alive: bool
+        self, send: Callable[[bytes], None], request: Request, keep_alive: bool, stopping: Any
     ) -> None:
         self._send = send
-        self.head_only = method == "HEAD"
-        self.http11 = version == "1.1"
+        self._request = request
+        self._stopping = stopping  # the worker's stop event: set, the connection ends
+        self.head_only = request.method == "HEAD"
+        self.http11 = request.version == "1.1"
         self.keep_alive = keep_alive  # may become False: the app's wish, or the framing
         self.status: str | None = None
         self.code = 0
@@ -103,6 +107,11 @@ class Response:
                 lines.append("Transfer-Encoding: chunked\r\n")
             else:
                 self.keep_alive = False  # the end of the connection ends the body
+        request = self._request
+        if request.expect_continue and not request.continue_sent and not request.complete:
+            self.keep_alive = False  # the client waits to send a body we will not ask for
+        if self._stopping is not None and self._stopping.is_set():
+            self.keep_alive = False
         if not self.keep_alive:
             lines.append("Connection: close\r\n")
         elif not self.http11:
