@@ -11,8 +11,10 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 WRK_MISSING = "wrk is not installed: apt-get install wrk (Debian/Ubuntu), brew install wrk"
 
@@ -59,6 +61,9 @@ def parse_wrk(output: str) -> LoadResult:
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     if non_2xx:
         errors += int(non_2xx.group(1))
+    wrong = re.search(r"Wrong answers: (\d+)", output)  # printed by UPLOAD_SCRIPT
+    if wrong:
+        errors += int(wrong.group(1))
     percentiles = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)\s*$", output, re.M))
     latency_max = re.search(r"Latency\s+\S+\s+\S+\s+(\S+)", output)
     return LoadResult(
@@ -71,19 +76,54 @@ def parse_wrk(output: str) -> LoadResult:
     )
 
 
+# wrk's Lua: every request POSTs the same body; a 200 whose body is not the body's length
+# (what the /upload routes answer) is counted, so that a server that hands the app less
+# than the whole body is not faster for it. wrk runs one Lua state per thread: the
+# counts are summed from them at the end.
+UPLOAD_SCRIPT = """
+wrk.method = "POST"
+wrk.body = string.rep("x", {size})
+wrk.headers["Content-Type"] = "application/octet-stream"
+local threads = {{}}
+function setup(thread) table.insert(threads, thread) end
+wrong = 0
+function response(status, headers, body)
+  if status == 200 and body ~= "{size}\\n" then wrong = wrong + 1 end
+end
+function done(summary, latency, requests)
+  local total = 0
+  for _, thread in ipairs(threads) do total = total + thread:get("wrong") end
+  io.write(string.format("Wrong answers: %d\\n", total))
+end
+"""
+
+
 def run_wrk(
-    port: int, seconds: float, connections: int, threads: int = 2, close: bool = False
+    port: int,
+    seconds: float,
+    connections: int,
+    threads: int = 2,
+    close: bool = False,
+    upload_bytes: int = 0,
 ) -> LoadResult:
+    """GET / for ``seconds``; with ``upload_bytes``, POST that many bytes to /upload."""
     command = [
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
         "--latency", "--timeout", "5s",
     ]  # fmt: skip
     if close:
         command += ["-H", "Connection: close"]
-    command.append(f"http://127.0.0.1:{port}/")
-    output = subprocess.run(
-        command, capture_output=True, text=True, timeout=seconds + 30, check=True
-    ).stdout
+    with tempfile.TemporaryDirectory(prefix="prefork-bench-wrk-") as tmp:
+        path = "/"
+        if upload_bytes:
+            script = Path(tmp) / "upload.lua"
+            script.write_text(UPLOAD_SCRIPT.format(size=upload_bytes))
+            command += ["-s", str(script)]
+            path = "/upload"
+        command.append(f"http://127.0.0.1:{port}{path}")
+        output = subprocess.run(
+            command, capture_output=True, text=True, timeout=seconds + 30, check=True
+        ).stdout
     return parse_wrk(output)
 
 

@@ -1,15 +1,20 @@
 """prefork beside its peers, in one run on one machine: python -m benchmarks
 
     python -m benchmarks                 # the full table: 3 runs of 5 s per server
+                                         # (3 s for the WSGI framework scenarios)
     python -m benchmarks --smoke         # a second per server, one run (the tests use it)
     python -m benchmarks --only keepalive --runs 5 --seconds 10
+    python -m benchmarks --only flask-close --only flask-keepalive
 
 Every server serves the same bytes (benchmarks/apps.py) on 127.0.0.1, is started,
 waited for until it answers, driven for a fixed time (wrk for HTTP, a Python client
 for raw TCP), and stopped by PID. Runs go round-robin over the servers of a scenario,
 so slow drift of this shared machine spreads over all of them; each figure is the
 median of the runs, with the min-max beside it. Ratios within one run are what to
-read: absolute numbers move from one run to the next.
+read: absolute numbers move from one run to the next. The framework scenarios serve
+the same hello app in Flask, Django and Bottle (benchmarks/frameworks/) from prefork
+and from gunicorn; a server that fails to start is reported as failed, and the run
+goes on.
 
 Output: benchmarks/results/latest.{md,json} and, with matplotlib installed
 (pip install -e ".[bench]"), latest.png.
@@ -28,11 +33,18 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import measure
+from benchmarks.frameworks import FRAMEWORKS
 from benchmarks.load import WRK_MISSING, LoadResult, have_wrk, run_tcp, run_wrk
-from benchmarks.servers import Server, running
+from benchmarks.servers import Server, ServerDidNotStart, running
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WARMUP_S = 1.0  # full runs only: the first requests pay for imports and caches
+SECONDS = 5.0  # per server and run, unless --seconds says otherwise
+# The framework scenarios are 7 of 11 but only 2 servers each: at 3 s they add about
+# 3.5 minutes to the default run instead of 5, and a framework's few thousand
+# requests/s still give some ten thousand latencies a run for the p99.
+FRAMEWORK_SECONDS = 3.0
+UPLOAD_BYTES = 10 * 1024
 
 
 @dataclass(frozen=True)
@@ -42,12 +54,18 @@ class Scenario:
     load: str  # wrk-close, wrk-keepalive, tcp
     connections: int
     servers: tuple[Server, ...]
+    seconds: float = SECONDS  # per server and run, unless --seconds says otherwise
+    upload_bytes: int = 0  # wrk only: POST this many bytes to /upload instead of GET /
 
 
-def _prefork(handler: str, workers: int, worker_class: str = "sync") -> Server:
+def _prefork(
+    handler: str, workers: int, worker_class: str = "sync", threads: int | None = None
+) -> Server:
     bare = " (bare app)" if handler == "bare" else ""
-    name = f"prefork {worker_class} -w {workers}{bare}"
-    return Server(name, "prefork", handler, workers, worker_class)
+    extra = ("--threads", str(threads)) if threads else ()  # else prefork's default, 16
+    shown = f" --threads {threads}" if threads else ""
+    name = f"prefork {worker_class} -w {workers}{shown}{bare}"
+    return Server(name, "prefork", handler, workers, worker_class, extra)
 
 
 def _floor(handler: str, workers: int) -> Server:
@@ -61,10 +79,10 @@ def _stdlib(handler: str, kind: str) -> Server:
     return Server(f"stdlib {name}", "stdlib", handler, 1, kind)
 
 
-def _gunicorn(workers: int, worker_class: str) -> Server:
+def _gunicorn(workers: int, worker_class: str, handler: str = "hello") -> Server:
     threads = " --threads 16" if worker_class == "gthread" else ""
     return Server(
-        f"gunicorn {worker_class} -w {workers}{threads}", "gunicorn", "hello", workers, worker_class
+        f"gunicorn {worker_class} -w {workers}{threads}", "gunicorn", handler, workers, worker_class
     )
 
 
@@ -132,6 +150,42 @@ SCENARIOS = (
     ),
 )
 
+
+def _framework_scenarios(framework: str) -> tuple[Scenario, Scenario]:
+    """A framework's hello app, a new connection per request (sync workers) and
+    keep-alive (thread workers, 16 threads each as gunicorn's gthread here)."""
+    name = {"flask": "Flask", "django": "Django", "bottle": "Bottle"}[framework]
+    close = Scenario(
+        f"{framework}-close",
+        f"{name} hello, a new connection per request (wrk -c 16, Connection: close)",
+        "wrk-close",
+        16,
+        (_prefork(framework, 2), _gunicorn(2, "sync", framework)),
+        seconds=FRAMEWORK_SECONDS,
+    )
+    keepalive = Scenario(
+        f"{framework}-keepalive",
+        f"{name} hello, keep-alive (wrk -c 16)",
+        "wrk-keepalive",
+        16,
+        (_prefork(framework, 2, "thread", threads=16), _gunicorn(2, "gthread", framework)),
+        seconds=FRAMEWORK_SECONDS,
+    )
+    return close, keepalive
+
+
+UPLOAD = Scenario(
+    "upload-keepalive",
+    f"Flask, POST of {UPLOAD_BYTES // 1024} KB read whole, answered with its length "
+    "(wrk -c 16, keep-alive)",
+    "wrk-keepalive",
+    16,
+    (_prefork("flask", 2, "thread", threads=16), _gunicorn(2, "gthread", "flask")),
+    seconds=FRAMEWORK_SECONDS,
+    upload_bytes=UPLOAD_BYTES,
+)
+SCENARIOS += (*(s for f in FRAMEWORKS for s in _framework_scenarios(f)), UPLOAD)
+
 # The bar: (scenario, numerator, denominator, at least)
 BAR = (
     ("close", "prefork sync -w 2", "floor (hand-written pre-fork) -w 2", 0.95),
@@ -142,18 +196,49 @@ BAR = (
     # Tight handlers: prefork's own cost per request, beside the least a loop can do.
     ("echo", "prefork sync -w 2", "floor (hand-written pre-fork) -w 2", 0.95),
     ("crunch", "prefork sync -w 2", "floor (hand-written pre-fork) -w 2", 0.95),
+    # The framework's own time per request is in both servers' figures, so these ask
+    # more of the server than the hello rows above do.
+    *(
+        row
+        for f in FRAMEWORKS
+        for row in (
+            (f"{f}-close", "prefork sync -w 2", "gunicorn sync -w 2", 1.5),
+            (
+                f"{f}-keepalive",
+                "prefork thread -w 2 --threads 16",
+                "gunicorn gthread -w 2 --threads 16",
+                1.5,
+            ),
+        )
+    ),
+    (
+        "upload-keepalive",
+        "prefork thread -w 2 --threads 16",
+        "gunicorn gthread -w 2 --threads 16",
+        1.5,
+    ),
 )
 
 
 def drive(scenario: Scenario, port: int, seconds: float) -> LoadResult:
     if scenario.load == "tcp":
         return run_tcp(port, seconds, scenario.connections)
-    return run_wrk(port, seconds, scenario.connections, close=scenario.load == "wrk-close")
+    return run_wrk(
+        port,
+        seconds,
+        scenario.connections,
+        close=scenario.load == "wrk-close",
+        upload_bytes=scenario.upload_bytes,
+    )
 
 
 def run_scenario(
-    scenario: Scenario, runs: int, seconds: float, warmup: float, log: Any
+    scenario: Scenario, runs: int, seconds: float | None, warmup: float, log: Any
 ) -> dict[str, Any]:
+    """``runs`` rounds over the scenario's servers; ``seconds`` of load each (None: the
+    scenario's own). A server that cannot run here is skipped, one printed line per
+    reason; one that fails to start is reported as failed and not started again."""
+    seconds = scenario.seconds if seconds is None else seconds
     servers = []
     skipped = {}
     for server in scenario.servers:
@@ -164,16 +249,30 @@ def run_scenario(
             skipped[server.name] = why
         else:
             servers.append(server)
+    for why in dict.fromkeys(skipped.values()):
+        names = [name for name, reason in skipped.items() if reason == why]
+        who = "every server" if len(names) == len(scenario.servers) else ", ".join(names)
+        log(f"  {scenario.key}: skipped {who}: {why}")
     results: dict[str, list[LoadResult]] = {s.name: [] for s in servers}
     spreads: dict[str, Any] = {}
+    failed: dict[str, str] = {}
     for attempt in range(runs):
         for server in servers:
-            with running(server) as run:
-                if warmup:
-                    drive(scenario, run.port, warmup)
-                result = drive(scenario, run.port, seconds)
-                if server.kind == "prefork":
-                    spreads[server.name] = measure.fairness(run)
+            if server.name in failed:
+                continue
+            try:
+                with running(server) as run:
+                    if warmup:
+                        drive(scenario, run.port, warmup)
+                    result = drive(scenario, run.port, seconds)
+                    if server.kind == "prefork":
+                        spreads[server.name] = measure.fairness(run)
+            except ServerDidNotStart as exc:
+                failed[server.name] = exc.why
+                log(
+                    f"  {scenario.key} run {attempt + 1}/{runs}  {server.name:42} failed: {exc.why}"
+                )
+                continue
             results[server.name].append(result)
             log(
                 f"  {scenario.key} run {attempt + 1}/{runs}  {server.name:42} "
@@ -183,6 +282,8 @@ def run_scenario(
     rows = []
     for server in servers:
         runs_of = results[server.name]
+        if not runs_of:
+            continue  # failed on its first start
         rps = [r.rps for r in runs_of]
         rows.append(
             {
@@ -197,7 +298,14 @@ def run_scenario(
                 "runs": [asdict(r) | {"rps": round(r.rps)} for r in runs_of],
             }
         )
-    return {"key": scenario.key, "title": scenario.title, "rows": rows, "skipped": skipped}
+    return {
+        "key": scenario.key,
+        "title": scenario.title,
+        "seconds": seconds,
+        "rows": rows,
+        "skipped": skipped,
+        "failed": failed,
+    }
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -207,8 +315,11 @@ def _median(values: list[float | None]) -> float | None:
 
 def check_bar(scenarios: list[dict[str, Any]], extras: dict[str, Any]) -> list[dict[str, Any]]:
     by_name = {(s["key"], r["server"]): r["rps"] for s in scenarios for r in s["rows"]}
+    run = {s["key"] for s in scenarios}
     checks = []
     for key, numerator, denominator, least in BAR:
+        if key not in run:
+            continue  # not chosen (--only); a scenario run but not measured still shows
         top, bottom = by_name.get((key, numerator)), by_name.get((key, denominator))
         ratio = round(top / bottom, 2) if top and bottom else None
         checks.append(
@@ -276,10 +387,16 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{_fmt(row['p50_ms'])} | {_fmt(row['p99_ms'])} | {row['errors']} | {jain} |"
             )
         rows += [
+            f"| {name} | failed to start: {why} | | | | | |"
+            for name, why in scenario.get("failed", {}).items()
+        ]
+        rows += [
             f"| {name} | skipped: {why} | | | | | |" for name, why in scenario["skipped"].items()
         ]
         columns = ["server", "req/s", "min-max", "p50 ms", "p99 ms", "errors", "Jain"]
-        lines += _section(scenario["title"], columns, "lrrrrrr", rows)
+        seconds = scenario.get("seconds", report["seconds"])
+        intro = "" if seconds == report["seconds"] else f"{seconds:g} s per server and run."
+        lines += _section(scenario["title"], columns, "lrrrrrr", rows, intro=intro)
     extras = report["extras"]
     if extras.get("respawn"):
         lines += _section(
@@ -397,7 +514,16 @@ def render_chart(report: dict[str, Any], path: Path) -> bool:
     except ImportError:
         return False
     scenarios = [s for s in report["scenarios"] if s["rows"]]
-    fig, axes = plt.subplots(len(scenarios), 1, figsize=(9, 2.2 + 2.4 * len(scenarios)))
+    if not scenarios:
+        return False
+    # Each panel as tall as its bars (the framework panels have two), plus its titles.
+    heights = [len(s["rows"]) + 2 for s in scenarios]
+    fig, axes = plt.subplots(
+        len(scenarios),
+        1,
+        figsize=(9, 1.0 + 0.3 * sum(heights)),
+        gridspec_kw={"height_ratios": heights},
+    )
     axes = axes if len(scenarios) > 1 else [axes]
     for ax, scenario in zip(axes, scenarios, strict=True):
         rows = sorted(scenario["rows"], key=lambda r: r["rps"])
@@ -426,9 +552,19 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument(
-        "--only", action="append", help="scenario keys: close, keepalive, echo, crunch"
+        "--seconds",
+        type=float,
+        help=f"per server and run (default: {SECONDS:g}; {FRAMEWORK_SECONDS:g} for the "
+        "framework scenarios)",
+    )
+    keys = [s.key for s in SCENARIOS]
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=keys,
+        metavar="KEY",
+        help="a scenario, repeatable: " + ", ".join(keys),
     )
     parser.add_argument("--smoke", action="store_true", help="1 run of 1 s each: the harness works")
     parser.add_argument(
@@ -482,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {_cores()} cores, Python {platform.python_version()}",
         "runs": args.runs,
-        "seconds": args.seconds,
+        "seconds": SECONDS if args.seconds is None else args.seconds,
         "scenarios": scenarios,
         "extras": extras,
     }

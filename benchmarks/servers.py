@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from benchmarks.frameworks import FRAMEWORKS
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 30.0
@@ -54,7 +57,7 @@ class Server:
 
     name: str
     kind: str
-    handler: str  # hello, echo, crunch
+    handler: str  # hello, bare, echo, crunch; or a framework's hello app: flask, django, bottle
     workers: int = 1
     option: str = ""  # prefork/gunicorn worker class; stdlib threading/forking
     extra: tuple[str, ...] = field(default_factory=tuple)
@@ -74,7 +77,7 @@ class Server:
         if self.kind == "gunicorn":
             threads = ["--threads", "16"] if self.option == "gthread" else []
             return [
-                python, "-m", "gunicorn", "benchmarks.wsgi_app:app", "-b", f"127.0.0.1:{port}",
+                python, "-m", "gunicorn", self.app(), "-b", f"127.0.0.1:{port}",
                 "-w", str(self.workers), "-k", self.option, *threads, "--backlog", "2048",
                 "--log-level", "warning",
             ]  # fmt: skip
@@ -85,13 +88,27 @@ class Server:
         raise ValueError(self.kind)
 
     def app(self) -> str:
-        """prefork's MODULE:OBJECT: "bare" is bare_app.py's (imports nothing), else apps.py's."""
+        """The MODULE:OBJECT served. A framework's is its WSGI app, for either server; else
+        gunicorn's is wsgi_app.py's, prefork's bare_app.py's (imports nothing) for "bare"
+        and apps.py's handler class for the others."""
+        if self.handler in FRAMEWORKS:
+            return f"benchmarks.frameworks.{self.handler}_app:app"
+        if self.kind == "gunicorn":
+            return "benchmarks.wsgi_app:app"
         if self.handler == "bare":
             return "benchmarks.bare_app:Hello"
         return f"benchmarks.apps:{self.handler.title()}"
 
+    @property
+    def speaks_http(self) -> bool:
+        return self.handler not in ("echo", "crunch")
+
     def missing(self) -> str | None:
-        """Why this server cannot run here, with how to fix it; None if it can."""
+        """Why this server cannot run here, with how to fix it; None if it can. The
+        framework first: a scenario whose framework is missing gives every server the
+        same reason."""
+        if self.handler in FRAMEWORKS and not _importable(self.handler):
+            return f'{self.handler} is not installed: pip install -e ".[bench]"'
         if self.kind == "gunicorn" and not _importable("gunicorn"):
             return 'gunicorn is not installed: pip install -e ".[bench]"'
         if self.kind == "nginx" and not shutil.which("nginx"):
@@ -99,6 +116,7 @@ class Server:
         return None
 
 
+@functools.cache  # asked once per server of every scenario; a probe costs an interpreter
 def _importable(module: str) -> bool:
     probe = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True)
     return probe.returncode == 0
@@ -112,7 +130,7 @@ def free_port() -> int:
 
 def answers(server: Server, port: int) -> bool:
     """One request of the server's protocol gets a full answer."""
-    http = server.handler in ("hello", "bare")
+    http = server.speaks_http
     request = b"GET / HTTP/1.0\r\n\r\n" if http else b"ready\n"
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
@@ -125,6 +143,17 @@ def answers(server: Server, port: int) -> bool:
     except OSError:
         return False
     return data.startswith(b"HTTP/1.") or data == request
+
+
+class ServerDidNotStart(RuntimeError):
+    """The server exited, or did not answer within START_TIMEOUT; ``why``: the last line
+    of its log (the whole tail is in the message)."""
+
+    def __init__(self, server: Server, log_tail: str, exited: bool) -> None:
+        lines = [line for line in log_tail.splitlines() if line.strip()]
+        how = "exited" if exited else f"did not answer within {START_TIMEOUT:g} s"
+        self.why = f"{how}: {lines[-1].strip()}" if lines else how
+        super().__init__(f"{server.name} did not start ({how}): {log_tail}")
 
 
 @dataclass
@@ -169,10 +198,10 @@ def running(server: Server, env: dict[str, str] | None = None) -> Iterator[Runni
         try:
             deadline = started + START_TIMEOUT
             while not answers(server, port):
-                if process.poll() is not None or time.perf_counter() > deadline:
-                    raise RuntimeError(
-                        f"{server.name} did not start: {log.read_text(errors='replace')[-500:]}"
-                    )
+                exited = process.poll() is not None
+                if exited or time.perf_counter() > deadline:
+                    tail = log.read_text(errors="replace")[-500:]
+                    raise ServerDidNotStart(server, tail, exited)
                 time.sleep(0.01)
             ready = time.perf_counter() - started
             yield Running(server, port, process, log, started, ready)
