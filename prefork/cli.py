@@ -36,13 +36,15 @@ from .signals import MASTER_SIGNALS, SignalRoute, Wakeup, unblock_all
 from .systemd import Notifier, take_listen_fds
 from .target import (
     CHECK_TIMEOUT,
+    MARKS,
     SERVER_CLASS_MARK,
+    WSGI_APP_MARK,
     Target,
     absolute_path_entries,
     add_to_path,
     app_import_path,
     import_stdlib,
-    is_server_class,
+    marks_of,
     module_source,
 )
 from .upgrade import CHECK_LISTENERS_ENV, CHECK_REPORT_ENV, Upgrader
@@ -179,10 +181,12 @@ class Start:
     # MODULE:OBJECT is a server class: config.server_class names it, the master builds
     # it with its own handler, and a HUP reloads it by re-executing (as --preload).
     server_target: bool = False
+    wsgi_app: bool = False  # MODULE:OBJECT is a WSGI app: stream binds only
 
     def check_report(self) -> list[str]:
         """What a USR2's --check-config tells the master it checks for."""
-        return [*self.stdlib, *([SERVER_CLASS_MARK] if self.server_target else [])]
+        marks = [SERVER_CLASS_MARK] if self.server_target else []
+        return [*self.stdlib, *marks, *([WSGI_APP_MARK] if self.wsgi_app else [])]
 
 
 def prepare(
@@ -220,7 +224,7 @@ def prepare(
     handler, names = None, checked_stdlib
     if config.preload:
         handler = app.load_any()  # once, in the master; workers share it copy-on-write
-        names = [SERVER_CLASS_MARK] if is_server_class(handler) else []
+        names = marks_of(handler)
     elif names is None:
         # In a throwaway child: the master never imports the app, only the parts of
         # the standard library it uses, which workers then inherit (target.py).
@@ -233,8 +237,8 @@ def prepare(
             on_stdlib=None if checking else import_stdlib,
             meanwhile=None if checking else _import_the_server,
         )
-    server_target = SERVER_CLASS_MARK in names
-    stdlib = [name for name in names if name != SERVER_CLASS_MARK]
+    server_target, wsgi_app = SERVER_CLASS_MARK in names, WSGI_APP_MARK in names
+    stdlib = [name for name in names if name not in MARKS]
     if not config.preload:
         import_stdlib(stdlib)
     if server_target:
@@ -257,7 +261,9 @@ def prepare(
         from . import log_config
 
         log_config.check(config.log_config)
-    return Start(app, config, specs, identity, import_path, handler, stdlib, server_target)
+    return Start(
+        app, config, specs, identity, import_path, handler, stdlib, server_target, wsgi_app
+    )
 
 
 def _compose_for_each(
@@ -350,10 +356,11 @@ def as_before(target: str, handover: Handover, started_in: str) -> Start:
     app = Target.parse(target)
     if config.server_class:  # imported again when the sockets are adopted: as prepare does
         _ready_to_import_code(config, app, identity, import_path)
-    stdlib = [name for name in handover.stdlib or [] if name != SERVER_CLASS_MARK]
+    stdlib = [name for name in handover.stdlib or [] if name not in MARKS]
     import_stdlib(stdlib)
     server_target = config.server_class == str(app)  # the old image's start found it one
-    return Start(app, config, [], identity, import_path, None, stdlib, server_target)
+    wsgi_app = WSGI_APP_MARK in (handover.stdlib or [])
+    return Start(app, config, [], identity, import_path, None, stdlib, server_target, wsgi_app)
 
 
 def _inherited(passed: list[tuple[int, str]], handover: Handover | None) -> list[Inherited]:
@@ -415,6 +422,8 @@ def serve(
         # those very binds.
         if not handover:
             servers.extend(open_server(s, config, start.server_target) for s in start.specs)
+        if start.wsgi_app:
+            _stream_binds_only(start.app, servers)
         if config.preload:
             for server in servers:
                 server.RequestHandlerClass = start.handler
@@ -594,6 +603,16 @@ def _warn_about_privileges(identity: Identity | None) -> None:
             "--group without --user: workers keep the master's user, root (uid 0), with "
             "all its privileges; give --user to drop them"
         )
+
+
+def _stream_binds_only(app: Target, servers: list[Any]) -> None:
+    for server in servers:
+        if server.socket.type != socket.SOCK_STREAM:
+            bind = getattr(server, "prefork_bind", None) or server.server_address
+            raise ConfigError(
+                f"{app} is a WSGI app, served over HTTP on stream binds (TCP, unix:) only: "
+                f"{bind} is a datagram socket"
+            )
 
 
 def open_server(spec: listeners.BindSpec, config: Config, own_handler: bool = False) -> Any:

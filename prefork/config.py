@@ -339,6 +339,15 @@ class Config:
         "client, worker, duration, outcome, in --log-format. Written in batches, off the "
         "request path; USR1 reopens it.",
     )
+    access_log_format: str | None = setting(
+        None,
+        default_text="combined",
+        help="WSGI apps: the access log's line, with gunicorn's atoms: %(h)s client, %(t)s "
+        "time, %(r)s request line, %(s)s status, %(b)s bytes, %(f)s referer, %(a)s user "
+        "agent, %(D)s microseconds, %({name}i)s a request header, %({name}o)s a response "
+        "header... (docs/wsgi.md). Default: the combined log format. With --log-format "
+        "json, lines are JSON whatever this says.",
+    )
     pid: str | None = setting(
         None, library=False, help="Write the master's PID to this file while it runs."
     )
@@ -361,6 +370,10 @@ class Config:
             if getattr(self, name) is not None:
                 parse_mode(name, getattr(self, name))
         check_addresses("forwarded_allow_ips", self.forwarded_allow_ips)
+        if self.access_log_format is not None:
+            from .access import check_http_format  # only when one is given
+
+            check_http_format(self.access_log_format)
         for f in fields(self):
             if f.name in ("worker_timeout", "boot_timeout"):
                 check_least_if_on(f.name, getattr(self, f.name), MIN_TIMEOUT)

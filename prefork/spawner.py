@@ -140,6 +140,7 @@ class Spawner:
                 threads=config.threads,
                 max_children=config.max_children,
                 access_log=config.access_log,
+                access_log_format=config.access_log_format,
                 log_format=config.log_format,
                 forked_off_main_thread=threading.current_thread() is not threading.main_thread(),
             )

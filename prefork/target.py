@@ -46,6 +46,15 @@ _END_OF_NAMES = b"\0"  # the child's names as they come, then this, then its ans
 # name no module has, so that it crosses a USR2 (the old image hands the new one the
 # check's names as they are) whatever version either image is.
 SERVER_CLASS_MARK = ":server-class"
+WSGI_APP_MARK = ":wsgi-app"  # and this one: MODULE:OBJECT is a WSGI app
+MARKS = frozenset({SERVER_CLASS_MARK, WSGI_APP_MARK})
+
+
+def marks_of(served: type) -> list[str]:
+    """What the check reports of what MODULE:OBJECT names, beside its modules."""
+    if is_server_class(served):
+        return [SERVER_CLASS_MARK]
+    return [WSGI_APP_MARK] if getattr(served, "logs_requests", False) else []
 
 
 def is_server_class(obj: Any) -> bool:
@@ -136,7 +145,8 @@ class Target(NamedTuple):
         as the workers' ``identity``, so an app they cannot read fails here, and from
         ``import_path`` (the current directory by default; on the child's path only).
         Returns the standard-library modules the import pulled in (``import_stdlib``),
-        and SERVER_CLASS_MARK last when the target is a server class. ``on_stdlib`` is
+        and SERVER_CLASS_MARK (WSGI_APP_MARK) last when the target is a server class (a
+        WSGI app). ``on_stdlib`` is
         called meanwhile with the standard modules whose import the child has begun, as
         they come: untrusted names (the app's code may write anything), for
         ``import_stdlib`` to filter. An import still running after ``timeout`` seconds
@@ -163,8 +173,7 @@ class Target(NamedTuple):
                         sys.addaudithook(_name_stdlib_imports(write_fd))
                     served = self.load_any()
                     stdlib = stdlib_modules(set(sys.modules) - before)
-                    mark = [SERVER_CLASS_MARK] if is_server_class(served) else []
-                    message = "\n".join(["ok", *stdlib, *mark]).encode()
+                    message = "\n".join(["ok", *stdlib, *marks_of(served)]).encode()
                 except (AppImportError, IdentityError) as exc:
                     message = str(exc).encode("utf-8", "replace")
                 with os.fdopen(write_fd, "wb") as pipe:

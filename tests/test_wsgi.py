@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import re
 import shutil
 import signal
 import socket
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from conftest import run_cli, wait_until
+from test_cli import assert_one_line_error
 
 APP = r"""
 import hashlib, json, os, time
@@ -314,3 +316,61 @@ def test_term_with_keep_alive_clients_ends_at_once_and_cuts_no_request(serve, li
     assert took < 5, f"the stop took {took:.1f}s"
     for conn in idle:
         conn.close()
+
+
+def test_the_access_log_has_a_combined_line_per_request_escaped(
+    serve, listener, wsgi_app, app_dir: Path
+):
+    log = app_dir / "access.log"
+    start(serve, listener, "-k", "thread", "--access-log", str(log))
+    conn = connect(listener)
+    get_json(conn, "/one?x=1", headers={"User-Agent": 'evil" agent', "Referer": "http://r/"})
+    get_json(conn, "/two", method="POST", body=b"abc")
+    conn.close()
+    raw_exchange(listener, b"GET / HTTP/1.1\r\n\r\n")  # refused: no Host
+    wait_until(lambda: log.exists() and log.read_text().count("\n") == 3)
+    one, two, refused = log.read_text().splitlines()
+    pattern = (
+        r"127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] "
+        r'"GET /one\?x=1 HTTP/1\.1" 200 \d+ "http://r/" "evil\\" agent"'
+    )
+    assert re.fullmatch(pattern, one), one
+    assert '"POST /two HTTP/1.1" 200' in two
+    assert re.search(r'"-" 400 - "-" "-"$', refused), refused
+
+
+def test_access_log_format_and_json(serve, listener, wsgi_app, app_dir: Path):
+    log = app_dir / "access.log"
+    fmt = "%(m)s %(U)s %(s)s %({x-req}i)s %({content-type}o)s %(D)sus"  # U: decoded
+    start(serve, listener, "-k", "thread", "--access-log", str(log), "--access-log-format", fmt)
+    ask(listener, "/p%1b[31m", headers={"X-Req": "abc"})
+    wait_until(lambda: log.exists() and log.read_text().strip())
+    assert re.fullmatch(r"GET /p\\x1b\[31m 200 abc application/json \d+us\n", log.read_text())
+
+
+def test_access_log_as_json(serve, listener, wsgi_app, app_dir: Path):
+    log = app_dir / "access.log"
+    start(serve, listener, "-k", "thread", "--access-log", str(log), "--log-format", "json")
+    ask(listener, "/j?k=v")
+    wait_until(lambda: log.exists() and log.read_text().strip())
+    line = json.loads(log.read_text())
+    assert (line["method"], line["path"], line["query"], line["status"]) == (
+        "GET",
+        "/j",
+        "k=v",
+        200,
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--access-log-format", "%(h"], "access_log_format"),
+        (["--forwarded-allow-ips", "10.0.0.1,nonsense"], "'nonsense' is not an IP address"),
+        (["--limit-request-line", "0"], "limit_request_line must be at least 1"),
+        (["-b", "udp://127.0.0.1:0"], "WSGI"),
+    ],
+)
+def test_bad_wsgi_settings_are_one_line(wsgi_app: Path, options: list[str], says: str):
+    result = run_cli("run", "wsgiapp:app", "-b", "127.0.0.1:0", *options, cwd=wsgi_app)
+    assert_one_line_error(result, says)

@@ -85,6 +85,7 @@ class WorkerPlan(NamedTuple):
     threads: int = 16  # thread workers: connections served at once
     max_children: int = 40  # fork workers: connection children at once
     access_log: str | None = None  # path, "-" for stderr; None: no access log
+    access_log_format: str | None = None  # WSGI apps' lines; None: combined
     log_format: str = "text"
     forked_off_main_thread: bool = False  # a master outside the main thread (signals.py)
 
@@ -209,9 +210,14 @@ class Worker:
             else:
                 reloader.start_watching(files, self._code_changed)
         if plan.access_log:
-            self.access = AccessLog(plan.access_log, plan.log_format, spec.nr)
+            self.access = AccessLog(
+                plan.access_log, plan.log_format, spec.nr, plan.access_log_format
+            )
             for server in self.servers:  # an instance attribute: no cost when off
-                server.finish_request = self.access.wrap(server.finish_request)
+                if getattr(server.RequestHandlerClass, "logs_requests", False):
+                    server.prefork_access = self.access  # a line per request, its own
+                else:
+                    server.finish_request = self.access.wrap(server.finish_request)
         for server, own in zip(self.servers, spec.sockets, strict=True):
             if own is not None:  # this worker's SO_REUSEPORT sibling replaces the shared one
                 server.socket.close()

@@ -26,6 +26,7 @@ import logging
 import select
 import socket
 import socketserver
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -71,6 +72,7 @@ class _PerServer:
         multithread = isinstance(server, socketserver.ThreadingMixIn)
         self.keep_alive = multithread or isinstance(server, socketserver.ForkingMixIn)
         self.idle = float(config.keep_alive)
+        self.access = server.__dict__.get("prefork_access")  # the worker's, when logging
         self.environ = ServerEnviron(server, ErrorStream(app_errors), FileWrapper, multithread)
 
 
@@ -79,10 +81,16 @@ class WSGIRequestHandler(socketserver.BaseRequestHandler):
 
     application: WSGIApp
     stops_with_worker = True  # stopping.py hands it ``stopping`` (the worker's Stopping)
+    logs_requests = True  # the worker hands it the access log: a line per request
     stopping: Any = None
 
     def handle(self) -> None:
         server, sock = self.server, self.request
+        if isinstance(sock, tuple):  # a datagram (a bind a HUP added): not HTTP
+            log.debug(
+                "a WSGI app does not serve datagrams; dropped one from %s", self.client_address
+            )
+            return
         shared = server.__dict__.get("_prefork_wsgi")
         if shared is None:
             shared = server.__dict__["_prefork_wsgi"] = _PerServer(server)
@@ -173,6 +181,8 @@ class WSGIRequestHandler(socketserver.BaseRequestHandler):
         response = Response(self.send, request, keep_alive, self.stop_event)
         body = Body(request, self._fill, self.send)
         environ = self.shared.environ.make(request, self.client_address, body)
+        access = self.shared.access
+        started = time.monotonic() if access is not None else 0.0
         result: Any = None
         try:
             result = self.application(environ, response.start_response)
@@ -193,6 +203,10 @@ class WSGIRequestHandler(socketserver.BaseRequestHandler):
                     result.close()
                 except Exception:
                     log.exception("the app's response close() failed")
+            if access is not None:
+                status = response.status if response.headers_sent else "500"
+                access.record_http((time.time(), time.monotonic() - started, environ,
+                                    status or "500", response.sent, response.headers))  # fmt: skip
         return response.keep_alive
 
     def _write_body(self, response: Response, result: Any) -> None:
@@ -240,6 +254,11 @@ class WSGIRequestHandler(socketserver.BaseRequestHandler):
         ).encode()
         if status != 500:
             log.debug("refused a request from %s: %s", self.client_address, error.reason)
+            access = self.shared.access
+            if access is not None:
+                client = self.client_address
+                environ = {"REMOTE_ADDR": str(client[0]) if isinstance(client, tuple) else ""}
+                access.record_http((time.time(), 0.0, environ, str(status), 0, []))
         with contextlib.suppress(OSError):
             self.send(head + body)
 
