@@ -47,6 +47,28 @@ _LATER = {
 }
 
 
+def wsgi_handler(app: Any) -> type:
+    """The request handler class that serves the WSGI ``app`` over HTTP/1.1, for any
+    prefork server class (docs/wsgi.md)."""
+    from .wsgi import handler_for  # the HTTP parser is imported by those who serve HTTP
+
+    return handler_for(app)
+
+
+def serve_wsgi(app: Any, server_address: Any = ("127.0.0.1", 8000), **settings: Any) -> None:
+    """Serve the WSGI ``app`` with thread workers (keep-alive) until stopped: a TCP
+    address, or a Unix socket's path. ``settings``: PreForkMixIn's keyword arguments."""
+    from . import servers
+
+    cls: Any = (
+        servers.PreForkThreadingUnixStreamServer
+        if isinstance(server_address, str)
+        else servers.PreForkThreadingTCPServer
+    )
+    with cls(server_address, wsgi_handler(app), **settings) as server:
+        server.serve_forever()
+
+
 def __getattr__(name: str) -> Any:
     module = _LATER.get(name)
     if module is None:
@@ -62,6 +84,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "serve_wsgi",
+    "wsgi_handler",
     "AppImportError",
     "BindError",
     "BootError",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import http.client
 import io
 import os
 import re
@@ -590,3 +591,22 @@ def test_a_worker_forked_from_a_thread_acts_on_a_signal_another_of_its_threads_g
         )[0]
         assert tgkill(worker, other, signal.SIGTERM) == 0
         wait_until(lambda: not is_running(worker), timeout=3, message="the worker to stop")
+
+
+def _hello_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello from %s\n" % environ["PATH_INFO"].encode()]
+
+
+def test_a_wsgi_app_from_the_library() -> None:
+    server = prefork.PreForkThreadingTCPServer(
+        ("127.0.0.1", 0), prefork.wsgi_handler(_hello_app), workers=1
+    )
+    with server, serving(server):
+        conn = http.client.HTTPConnection(*server.server_address, timeout=10)
+        try:
+            for path in ("/a", "/b"):  # one kept-alive connection
+                conn.request("GET", path)
+                assert conn.getresponse().read() == b"hello from %s\n" % path.encode()
+        finally:
+            conn.close()

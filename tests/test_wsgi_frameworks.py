@@ -6,6 +6,8 @@ import http.client
 import re
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -167,5 +169,76 @@ def test_hup_under_load_serves_the_new_code_with_no_failure(serve, listener, app
     conn = _connect(listener)
     try:
         assert _get(conn, "GET", "/")[1] == b"Hello again\n"
+    finally:
+        conn.close()
+
+
+DJANGO_ADMIN = """
+import os
+from django.conf import settings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+settings.configure(
+    DEBUG=False, ALLOWED_HOSTS=["*"], ROOT_URLCONF=__name__, SECRET_KEY="test only",
+    INSTALLED_APPS=["django.contrib.admin", "django.contrib.auth",
+                    "django.contrib.contenttypes", "django.contrib.sessions",
+                    "django.contrib.messages"],
+    MIDDLEWARE=["django.contrib.sessions.middleware.SessionMiddleware",
+                "django.middleware.common.CommonMiddleware",
+                "django.middleware.csrf.CsrfViewMiddleware",
+                "django.contrib.auth.middleware.AuthenticationMiddleware",
+                "django.contrib.messages.middleware.MessageMiddleware"],
+    TEMPLATES=[{"BACKEND": "django.template.backends.django.DjangoTemplates",
+                "APP_DIRS": True, "OPTIONS": {"context_processors": [
+                    "django.template.context_processors.request",
+                    "django.contrib.auth.context_processors.auth",
+                    "django.contrib.messages.context_processors.messages"]}}],
+    DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3",
+                           "NAME": os.path.join(HERE, "db.sqlite3")}},
+    STATIC_URL="/static/", USE_TZ=True,
+)
+
+from django.core.wsgi import get_wsgi_application
+
+application = get_wsgi_application()
+
+from django.contrib import admin
+from django.urls import path
+
+urlpatterns = [path("admin/", admin.site.urls)]
+
+
+def prepare():
+    from django.contrib.auth.models import User
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    User.objects.create_superuser("admin", "admin@example.com", "a long password")
+"""
+
+
+def test_django_admin_login_with_its_csrf_round_trip(serve, listener, app_dir: Path) -> None:
+    pytest.importorskip("django")
+    (app_dir / "djangoadmin.py").write_text(DJANGO_ADMIN)
+    subprocess.run([sys.executable, "-c", "import djangoadmin; djangoadmin.prepare()"],
+                   cwd=app_dir, check=True, timeout=120)  # fmt: skip
+    server = serve("djangoadmin:application", "-w", "2", "-k", "thread", listen_on=listener)
+    server.wait_ready(2)
+    conn = _connect(listener)
+    try:
+        response, body = _get(conn, "GET", "/admin/login/")
+        assert response.status == 200, body[:300]
+        token = re.search(rb'name="csrfmiddlewaretoken" value="([^"]+)"', body).group(1)  # type: ignore[union-attr]
+        cookie = response.getheader("Set-Cookie").split(";")[0]
+        form = f"csrfmiddlewaretoken={token.decode()}&username=admin&password=a+long+password"
+        response, body = _get(conn, "POST", "/admin/login/?next=/admin/", body=form, headers={
+            "Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded",
+            "Origin": f"http://127.0.0.1:{listener.getsockname()[1]}",
+            "Host": f"127.0.0.1:{listener.getsockname()[1]}"})  # fmt: skip
+        assert response.status == 302 and response.getheader("Location") == "/admin/", body[:500]
+        session = [c.split(";")[0] for c in response.headers.get_all("Set-Cookie")
+                   if c.startswith("sessionid=")][0]  # fmt: skip
+        response, body = _get(conn, "GET", "/admin/", headers={"Cookie": f"{cookie}; {session}"})
+        assert response.status == 200 and b"Site administration" in body
     finally:
         conn.close()
