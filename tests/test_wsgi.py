@@ -374,3 +374,33 @@ def test_access_log_as_json(serve, listener, wsgi_app, app_dir: Path):
 def test_bad_wsgi_settings_are_one_line(wsgi_app: Path, options: list[str], says: str):
     result = run_cli("run", "wsgiapp:app", "-b", "127.0.0.1:0", *options, cwd=wsgi_app)
     assert_one_line_error(result, says)
+
+
+EXC_INFO = """
+import sys
+
+
+def app(environ, start_response):
+    write = start_response("200 OK", [("Content-Type", "text/plain")])
+    if environ["PATH_INFO"] == "/late":
+        write(b"half a body")  # the head is out: exc_info must now re-raise
+    try:
+        raise ValueError("went wrong after start_response")
+    except ValueError:
+        start_response("503 Try Later", [("Content-Type", "text/plain")], sys.exc_info())
+    return [b"sorry\\n"]
+"""
+
+
+def test_start_response_with_exc_info_replaces_an_unsent_response(serve, listener, app_dir):
+    """PEP 3333: start_response(..., exc_info) replaces what was not sent yet, and once
+    the head is out re-raises: the connection then ends, the response cut."""
+    (app_dir / "excapp.py").write_text(EXC_INFO)
+    server = serve("excapp:app", "-w", "1", "-k", "thread", listen_on=listener)
+    server.wait_ready(1)
+    reply = raw_exchange(listener, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 503 Try Later\r\n") and reply.endswith(b"\r\n\r\nsorry\n")
+    reply = raw_exchange(listener, b"GET /late HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and b"half a body" in reply
+    assert b"sorry" not in reply and not reply.endswith(b"0\r\n\r\n")  # cut, not ended
+    wait_until(lambda: "went wrong after start_response" in server.log)

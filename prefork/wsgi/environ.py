@@ -114,7 +114,12 @@ class ServerEnviron:
             )
         else:
             environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = "", ""
-        if self.proxies.anyone and self.proxies.believe(environ["REMOTE_ADDR"]):
+        if (
+            self.proxies.anyone
+            and ("HTTP_FORWARDED" in environ or "HTTP_X_FORWARDED_FOR" in environ
+                 or "HTTP_X_FORWARDED_PROTO" in environ)
+            and self.proxies.believe(environ["REMOTE_ADDR"])
+        ):  # fmt: skip
             self._believe_proxy(environ)
         return environ
 
