@@ -404,3 +404,29 @@ def test_start_response_with_exc_info_replaces_an_unsent_response(serve, listene
     assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and b"half a body" in reply
     assert b"sorry" not in reply and not reply.endswith(b"0\r\n\r\n")  # cut, not ended
     wait_until(lambda: "went wrong after start_response" in server.log)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR2])
+def test_a_reload_with_keep_alive_clients_retires_the_old_workers_at_once(
+    serve, listener, wsgi_app, signum: int
+):
+    """Idle kept-alive connections hold no old worker: after a HUP or USR2 they are
+    closed, the old generation leaves long before --graceful-timeout, and a client
+    reconnecting is served by the new one."""
+    server = start(serve, listener, "-k", "thread", "--graceful-timeout", "30", workers=2)
+    old = set(server.worker_pids())
+    idle = [connect(listener) for _ in range(6)]
+    try:
+        old_pids = {get_json(conn, "/warm")[1]["pid"] for conn in idle}
+        assert old_pids <= old
+        started = time.monotonic()
+        server.signal(signum)
+        wait_until(lambda: "reload complete: generation 2 serving" in server.log, timeout=20)
+        wait_until(lambda: old.isdisjoint(server.worker_pids()), timeout=10)
+        assert time.monotonic() - started < 10
+        answer = ask(listener, "/after")
+        assert answer["pid"] not in old
+    finally:
+        for conn in idle:
+            conn.close()
+    assert server.proc.poll() is None
