@@ -430,3 +430,63 @@ def test_a_reload_with_keep_alive_clients_retires_the_old_workers_at_once(
         for conn in idle:
             conn.close()
     assert server.proc.poll() is None
+
+
+# Our conformance corpus: a valid request, and what the app must see of it.
+ENVIRONS = [
+    (b"GET /a%20b/%C3%A9?x=1&y=%20 HTTP/1.1\r\nHost: h\r\n\r\n",
+     {"path": "/a b/\xc3\xa9", "query": "x=1&y=%20", "protocol": "HTTP/1.1"}),
+    (b"GET /a%2Fb HTTP/1.1\r\nHost: h\r\n\r\n", {"path": "/a/b"}),
+    (b"GET http://example.com/p?q=1 HTTP/1.1\r\nHost: example.com\r\n\r\n",
+     {"path": "/p", "query": "q=1"}),
+    (b"GET /frag#part HTTP/1.1\r\nHost: h\r\n\r\n", {"path": "/frag", "query": ""}),
+    (b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n", {"method": "OPTIONS", "path": "*"}),
+    (b"GET /old HTTP/1.0\r\n\r\n", {"protocol": "HTTP/1.0", "headers": {}}),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nX-Many: 1\r\nX-Many: 2\r\nX_Under: no\r\n"
+     b"X-Space:   padded \t \r\n\r\n",
+     {"headers": {"HTTP_HOST": "h", "HTTP_X_MANY": "1,2", "HTTP_X_SPACE": "padded"}}),
+    (b"POST /form HTTP/1.1\r\nHost: h\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n"
+     b"hello", {"content_length": "5", "body_length": 5, "headers": {"HTTP_HOST": "h"}}),
+    (b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n",
+     {"content_length": None, "body_length": 5,
+      "headers": {"HTTP_HOST": "h", "HTTP_TRANSFER_ENCODING": "chunked"}}),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nUser-Agent: caf\xe9\r\n\r\n",
+     {"headers": {"HTTP_HOST": "h", "HTTP_USER_AGENT": "caf\xe9"}}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("raw", "expected"), ENVIRONS, ids=[str(i) for i in range(len(ENVIRONS))])
+def test_a_valid_request_gives_the_app_its_environ(
+    serve, listener, wsgi_app, raw: bytes, expected: dict
+):
+    start(serve, listener, "-k", "thread", "--forwarded-allow-ips", "10.9.9.9")
+    reply = _one_exchange(listener, raw)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK"), reply[:200]
+    answer = json.loads(body)
+    for key, value in expected.items():
+        assert answer[key] == value, (key, answer)
+
+
+def _one_exchange(listener: socket.socket, raw: bytes) -> bytes:
+    """Send one request and read its one response (by its Content-Length)."""
+    with socket.create_connection(listener.getsockname(), timeout=10) as sock:
+        sock.sendall(raw)
+        reader = sock.makefile("rb")
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            line = reader.readline()
+            if not line:
+                break
+            head += line
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        return head + reader.read(length)
+
+
+def test_keep_alive_0_says_close_on_every_response(serve, listener, wsgi_app):
+    start(serve, listener, "-k", "thread", "--keep-alive", "0")
+    conn = connect(listener)
+    response, _ = get_json(conn, "/")
+    assert response.getheader("Connection") == "close"
+    conn.close()

@@ -70,8 +70,9 @@ class _PerServer:
             config.limit_request_line, config.limit_request_fields, config.limit_request_field_size
         )
         multithread = isinstance(server, socketserver.ThreadingMixIn)
-        self.keep_alive = multithread or isinstance(server, socketserver.ForkingMixIn)
         self.idle = float(config.keep_alive)
+        concurrent = multithread or isinstance(server, socketserver.ForkingMixIn)
+        self.keep_alive = concurrent and self.idle > 0  # --keep-alive 0: close each
         self.access = server.__dict__.get("prefork_access")  # the worker's, when logging
         self.environ = ServerEnviron(server, ErrorStream(app_errors), FileWrapper, multithread)
 
