@@ -140,7 +140,7 @@ def test_capture_output_sends_prints_and_tracebacks_to_the_log_across_usr1(
     log_file = app_dir / "app.log"
     server = serve(
         "noisy:Noisy", "-w", "2", "--log-file", str(log_file), "--capture-output",
-        listen_on=listener,
+        "--log-level", "debug", listen_on=listener,
     )  # fmt: skip
     wait_until(lambda: log_file.exists() and log_file.read_text().count("booted") == 2)
     address = listener.getsockname()
@@ -151,7 +151,8 @@ def test_capture_output_sends_prints_and_tracebacks_to_the_log_across_usr1(
     assert "printed one" in text and "app logged one" in text and "Traceback" in text
     log_file.rename(app_dir / "app.log.1")  # logrotate moves it, then signals
     server.signal(signal.SIGUSR1)
-    wait_until(lambda: log_file.exists() and "reopened the log file" in log_file.read_text())
+    # Each worker reopens as it hears of USR1, after the master: wait for both.
+    wait_until(lambda: log_file.exists() and log_file.read_text().count("reopened its log") == 2)
     for _ in range(4):  # both workers, whichever answers
         assert echo_line(address, b"two") == b"ok"
     echo_line(address, b"fail-two")
