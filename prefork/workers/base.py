@@ -275,7 +275,7 @@ class Worker:
         watch = self.watch_turn
         # Once per turn; a server's service_actions only if it has its own (BaseServer's
         # does nothing), and the worker's tick only if its class has one.
-        actions = [s.service_actions for s in self.servers if not _stock(s, "service_actions")]
+        actions = [s.service_actions for s in self.servers if not stock_hook(s, "service_actions")]
         tick = self.tick if type(self).tick is not Worker.tick else None
         queues = self._queues
         while self.alive or not self.is_idle():
@@ -344,15 +344,14 @@ class Worker:
         worker's ``has_capacity`` when its class does not bound concurrency; and where
         both the worker's ``process`` and the server's ``process_request`` are the
         stock ones, their two calls are made directly (``finish_request`` then
-        ``shutdown_request``), with the same handling of what they raise. On the TCP
-        echo benchmark this is a sixth of the worker's Python time."""
+        ``shutdown_request``), with the same handling of what they raise."""
         heartbeat = self.spec.heartbeat
         started, finished = heartbeat.request_started, heartbeat.request_finished
         get_request, handle_error = server.get_request, server.handle_error
         finish, shutdown = server.finish_request, server.shutdown_request
-        verify = None if _stock(server, "verify_request") else server.verify_request
+        verify = None if stock_hook(server, "verify_request") else server.verify_request
         process = self.process
-        inline = type(self).process is Worker.process and _stock(server, "process_request")
+        inline = type(self).process is Worker.process and stock_hook(server, "process_request")
         bounded = type(self).has_capacity is not Worker.has_capacity
         timed = self._timed if server in self._timed else None
         retire_at, status_fd = self.spec.max_requests, self.spec.status_fd
@@ -539,12 +538,10 @@ class Worker:
                 self._timed[server] = now
 
 
-def _stock(server: Any, hook: str) -> bool:
-    """Whether ``server``'s ``hook`` is BaseServer's own (not overridden by a class or
-    set on the instance)."""
-    return hook not in vars(server) and getattr(type(server), hook) is getattr(
-        socketserver.BaseServer, hook
-    )
+def stock_hook(server: Any, hook: str, owner: type = socketserver.BaseServer) -> bool:
+    """Whether ``server``'s ``hook`` is ``owner``'s own (not overridden by a class or set
+    on the instance)."""
+    return hook not in vars(server) and getattr(type(server), hook) is getattr(owner, hook)
 
 
 _TCP_INFO_UNACKED = 24  # offset of tcpi_unacked: a listener's accept queue length

@@ -8,10 +8,10 @@ Connections are served by a pool of threads, started as they are first needed (u
 ``threads``) and kept: ThreadingMixIn starts a thread per connection, whose start
 (``Thread.start`` waits until the new thread runs) and end cost more than a small
 request itself (TCP echo, -w 2: 13.5k requests a second against 7.4k; docs/design.md).
-A pool thread runs the server's own
-``process_request_thread`` for each connection, so what ThreadingMixIn calls stays
-called (``finish_request``, ``handle_error``, ``shutdown_request``); ``daemon_threads``
-and ``block_on_close`` have nothing left to decide: the worker waits for its busy
+A pool thread runs the server's own ``process_request_thread`` for each connection,
+so what ThreadingMixIn calls stays called (``finish_request``, ``handle_error``,
+``shutdown_request``); ``daemon_threads`` and ``block_on_close`` have nothing left to
+decide: the worker waits for its busy
 connections as it stops (``is_idle``) and leaves by ``os._exit``. A server that
 overrides ``process_request`` (its own thread pool, say) is left to it.
 
@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import Config
-from .base import Worker, WorkerSpec, log
+from .base import Worker, WorkerSpec, log, stock_hook
 
 _Connection = tuple[Callable[[Any, Any], None], Any, Any]  # process_request_thread, args
 
@@ -49,7 +49,8 @@ class ThreadWorker(Worker):
     def boot(self) -> None:
         for server in self.servers:
             server.finish_request = self._counted(server.finish_request)
-            if _stock_threading(server):
+            # ThreadingMixIn's thread per connection: the pool serves them instead
+            if stock_hook(server, "process_request", socketserver.ThreadingMixIn):
                 self._pooled.add(server)
         super().boot()
 
@@ -125,11 +126,3 @@ class ThreadWorker(Worker):
             wake = self._wake_when_done and notify
         if wake:
             self.wakeup.notify()
-
-
-def _stock_threading(server: Any) -> bool:
-    """Whether ``server`` starts a thread per connection as ThreadingMixIn does, which
-    the pool then does instead (its ``process_request`` is ThreadingMixIn's own)."""
-    return "process_request" not in vars(server) and (
-        type(server).process_request is socketserver.ThreadingMixIn.process_request
-    )

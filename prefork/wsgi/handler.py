@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import select
-import socket
 import socketserver
 import time
 from collections.abc import Callable, Iterable
@@ -266,6 +265,3 @@ class WSGIRequestHandler(socketserver.BaseRequestHandler):
     def finish(self) -> None:
         """Drop what the connection holds for the next request."""
         self.reader = None  # type: ignore[assignment]
-
-
-_ = socket  # the request is a socket.socket (or a prefork TimedConnection)
