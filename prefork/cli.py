@@ -577,7 +577,7 @@ def _open_logs(config: Config, identity: Identity | None, upgraded: bool = False
         if config.log_config:
             from . import log_config  # here: logging.config's import is for those who ask
 
-            log_config.apply(config.log_config)
+            log_config.apply(config.log_config, owner)
         if config.capture_output:
             log.capture_output()
     except PreforkError as exc:

@@ -131,6 +131,76 @@ def test_a_planted_symlink_log_is_refused_not_followed(
     assert link.is_symlink()
 
 
+@pytest.mark.parametrize("mode", ["a", "w"])
+def test_a_log_config_file_handler_never_opens_a_planted_symlink(
+    open_dir: Path, secret: Path, as_nobody: Interpreter, mode: str
+):
+    """logging's FileHandler opens its path with open(), following a symlink: as root,
+    mode "w" would empty the secret and mode "a" would hand every worker a descriptor
+    appending the app's log lines to it."""
+    link = plant(open_dir / "theirs" / "app.log", secret)
+    (open_dir / "logging.json").write_text(
+        json.dumps({
+            "handlers": {"file": {"class": "logging.FileHandler", "filename": str(link),
+                                  "mode": mode}},
+            "loggers": {"app": {"handlers": ["file"]}},
+        })
+    )  # fmt: skip
+    result = run_cli(
+        "run", "hostile:Echo", "-b", "127.0.0.1:0", "--user", "nobody",
+        "--log-config", "logging.json", cwd=open_dir, interpreter=as_nobody,
+    )  # fmt: skip
+    line = one_line(result)
+    assert str(link) in line and "symbolic link" in line, line
+    assert link.is_symlink()
+
+
+def test_a_log_config_file_is_made_for_the_workers_and_reopened_by_them(
+    serve, open_dir: Path, secret: Path, as_nobody: Interpreter
+):
+    """The file root creates for a handler is the workers' (they reopen it at USR1);
+    a symlink planted after rotation is refused, not followed, and the app keeps
+    serving with its lines on stderr."""
+    (open_dir / "noisy.py").write_text(
+        "import logging, socketserver\n"
+        "class Noisy(socketserver.StreamRequestHandler):\n"
+        "    def handle(self):\n"
+        "        line = self.rfile.readline().strip().decode()\n"
+        "        logging.getLogger('app').warning('app logged %s', line)\n"
+        "        self.wfile.write(b'ok\\n')\n"
+    )
+    app_log = open_dir / "theirs" / "app.log"
+    (open_dir / "logging.json").write_text(
+        json.dumps({
+            "handlers": {"file": {"class": "logging.FileHandler", "filename": str(app_log)}},
+            "loggers": {"app": {"handlers": ["file"]}},
+        })
+    )  # fmt: skip
+    server = serve(
+        "noisy:Noisy", "-w", "1", "-b", "127.0.0.1:0", "--user", "nobody",
+        "--log-config", "logging.json", cwd=open_dir, interpreter=as_nobody,
+    )  # fmt: skip
+    server.wait_ready(1)
+    address = _tcp_address(server)
+    assert ask(address, b"one") == b"ok"
+    wait_until(lambda: "app logged one" in app_log.read_text())
+    assert app_log.stat().st_uid == NOBODY
+    app_log.rename(app_log.with_suffix(".1"))
+    plant(app_log, secret)
+    server.signal(signal.SIGUSR1)
+    sent = iter(f"two-{n}" for n in range(10**6))  # until one is written after the reopen
+
+    def logged_on_stderr() -> str | None:
+        word = next(sent)
+        assert ask(address, word.encode()) == b"ok"
+        return word if f"app logged {word}" in server.log else None
+
+    word = wait_until(logged_on_stderr, 10, message=lambda: server.log)
+    assert "symbolic link" in server.log
+    assert app_log.is_symlink() and word not in app_log.with_suffix(".1").read_text()
+    assert server.proc.poll() is None
+
+
 def test_an_existing_file_of_someone_else_is_never_given_away(
     open_dir: Path, secret: Path, as_nobody: Interpreter
 ):
